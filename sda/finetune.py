@@ -1,0 +1,125 @@
+"""Supervised fine-tuning of the whole stack with early stopping on the validation error."""
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from sda.pretrain import DivergenceError
+from sda.stacked import StackedClassifier, negative_log_likelihood
+
+
+@dataclass
+class EarlyStopping:
+    """The Theano tutorial's patience rule, counted in epochs instead of minibatches.
+
+    Training may run until epoch ``patience``. A validation error below ``improvement_threshold``
+    times the best so far extends the horizon to ``patience_increase`` times the current epoch.
+    The best-validation model is kept whatever the size of its improvement.
+    """
+
+    patience: int = 10
+    patience_increase: float = 2.0
+    improvement_threshold: float = 0.995
+    best_error: float = math.inf
+    best_epoch: int = 0
+
+    def update(self, epoch: int, valid_error: float) -> bool:
+        """Record one epoch; True when this epoch is the new best."""
+        if valid_error < self.best_error * self.improvement_threshold:
+            self.patience = max(self.patience, math.ceil(epoch * self.patience_increase))
+        if valid_error < self.best_error:
+            self.best_error, self.best_epoch = valid_error, epoch
+            return True
+        return False
+
+    def should_stop(self, epoch: int) -> bool:
+        return epoch >= self.patience
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    lr: float
+    train_loss: float
+    train_error: float
+    valid_error: float
+
+
+@dataclass
+class FinetuneResult:
+    best_epoch: int
+    best_valid_error: float
+    history: list[EpochRecord] = field(default_factory=list)
+
+
+def finetune(
+    model: StackedClassifier,
+    train: tuple[torch.Tensor, torch.Tensor],
+    valid: tuple[torch.Tensor, torch.Tensor],
+    lr: float,
+    batch_size: int,
+    max_epochs: int,
+    stopping: EarlyStopping,
+    generator: torch.Generator,
+    momentum: float = 0.0,
+    lr_decay: float = 1.0,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> FinetuneResult:
+    """Minibatch SGD on the negative log-likelihood; leaves ``model`` at its best-validation state.
+
+    The learning rate is multiplied by ``lr_decay`` after every epoch. The test set is never seen.
+    """
+    x_train, y_train = train
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    best_state = copy.deepcopy(model.state_dict())
+    result = FinetuneResult(best_epoch=0, best_valid_error=math.inf)
+    progress = tqdm(range(1, max_epochs + 1), desc="finetune", unit="epoch")
+    for epoch in progress:
+        epoch_lr = optimizer.param_groups[0]["lr"]
+        model.train()
+        order = torch.randperm(x_train.shape[0], generator=generator, device=x_train.device)
+        xs, ys = x_train[order], y_train[order]
+        total_loss = torch.zeros((), device=xs.device)
+        mistakes = torch.zeros((), device=xs.device, dtype=torch.long)
+        for start in range(0, xs.shape[0], batch_size):
+            x, y = xs[start : start + batch_size], ys[start : start + batch_size]
+            logits = model(x)
+            loss = negative_log_likelihood(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.detach() * x.shape[0]
+            mistakes += (logits.detach().argmax(dim=1) != y).sum()
+        train_loss = total_loss.item() / xs.shape[0]
+        if not math.isfinite(train_loss):
+            raise DivergenceError(f"finetune: training loss became {train_loss} at epoch {epoch} (lr={epoch_lr})")
+        model.eval()
+        record = EpochRecord(
+            epoch=epoch,
+            lr=epoch_lr,
+            train_loss=train_loss,
+            train_error=mistakes.item() / xs.shape[0],
+            valid_error=model.error_rate(*valid),
+        )
+        result.history.append(record)
+        if stopping.update(epoch, record.valid_error):
+            best_state = copy.deepcopy(model.state_dict())
+        progress.set_postfix(valid=f"{record.valid_error:.4f}", best=f"{stopping.best_error:.4f}@{stopping.best_epoch}")
+        if on_epoch is not None:
+            on_epoch(record)
+        for group in optimizer.param_groups:
+            group["lr"] *= lr_decay
+        if stopping.should_stop(epoch):
+            break
+    model.load_state_dict(best_state)
+    result.best_epoch, result.best_valid_error = stopping.best_epoch, stopping.best_error
+    return result
+
+
+def confidence_interval_95(error: float, n: int) -> float:
+    """Half-width of the normal-approximation 95% CI of an error rate measured on n examples."""
+    return 1.96 * math.sqrt(error * (1.0 - error) / n)

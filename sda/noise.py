@@ -1,0 +1,43 @@
+"""Corruption processes q(x~ | x) for denoising autoencoders."""
+
+import torch
+
+MASKING_MODES = ("fixed", "bernoulli")
+
+
+class MaskingNoise:
+    """Masking noise: set a fraction ``nu`` of each example's components to 0.
+
+    ``fixed`` is the paper's process: exactly round(nu * d) components of every example, chosen
+    uniformly without replacement, drawn afresh per example and per call. ``bernoulli`` is the
+    Theano tutorial's: each component is zeroed independently with probability nu, so the count
+    only matches in expectation. Kept components are never rescaled: this is not dropout.
+    """
+
+    def __init__(self, nu: float, mode: str = "fixed"):
+        if not 0.0 <= nu < 1.0:
+            raise ValueError(f"corruption nu must be in [0, 1), got {nu!r}")
+        if mode not in MASKING_MODES:
+            raise ValueError(f"masking mode must be one of {MASKING_MODES}, got {mode!r}")
+        self.nu = float(nu)
+        self.mode = mode
+
+    def __repr__(self) -> str:
+        return f"MaskingNoise(nu={self.nu}, mode={self.mode!r})"
+
+    def masked_count(self, d: int) -> int:
+        return int(round(self.nu * d))
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.nu == 0.0:
+            return x
+        scores = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if self.mode == "bernoulli":
+            return x * (scores >= self.nu)
+        k = self.masked_count(x.shape[1])
+        if k == 0:
+            return x
+        # The k smallest of i.i.d. uniform scores are a uniform k-subset of each row; topk breaks
+        # ties by position, so the count is exact even when two scores collide.
+        masked = torch.topk(scores, k, dim=1, largest=False, sorted=False).indices
+        return x.scatter(1, masked, 0.0)

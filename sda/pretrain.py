@@ -1,0 +1,79 @@
+"""Greedy layer-wise pretraining of one denoising autoencoder on a tensor of clean codes."""
+
+from collections.abc import Callable
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from sda.dae import DenoisingAutoencoder
+from sda.noise import MaskingNoise
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def shuffled_batches(x: torch.Tensor, batch_size: int, generator: torch.Generator):
+    """Yield minibatches of one epoch: one gather into a shuffled copy, then views of it."""
+    order = torch.randperm(x.shape[0], generator=generator, device=x.device)
+    shuffled = x[order]
+    for start in range(0, shuffled.shape[0], batch_size):
+        yield shuffled[start : start + batch_size]
+
+
+def pretrain_layer(
+    dae: DenoisingAutoencoder,
+    codes: torch.Tensor,
+    noise: MaskingNoise,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    generator: torch.Generator,
+    on_epoch: Callable[[int, float], None] | None = None,
+    name: str = "layer",
+) -> list[float]:
+    """Train ``dae`` by plain minibatch SGD to reconstruct clean ``codes`` from corrupted ones.
+
+    Returns the mean training reconstruction loss of each epoch (against the clean input, on the
+    corrupted input the step saw). Raises DivergenceError naming ``name`` and the epoch as soon as
+    an epoch's loss is not finite, before anything is returned for saving.
+    """
+    optimizer = torch.optim.SGD(dae.parameters(), lr=lr)
+    losses: list[float] = []
+    for epoch in tqdm(range(1, epochs + 1), desc=f"pretrain {name}", unit="epoch"):
+        total = torch.zeros((), device=codes.device)
+        for clean in shuffled_batches(codes, batch_size, generator):
+            loss = dae.loss(noise(clean, generator), clean)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # Accumulate on the device: a .item() per step would stall a GPU every batch.
+            total += loss.detach() * clean.shape[0]
+        epoch_loss = total.item() / codes.shape[0]
+        if not math.isfinite(epoch_loss):
+            raise DivergenceError(
+                f"{name}: reconstruction loss became {epoch_loss} at epoch {epoch} (lr={lr}); "
+                "lower the learning rate"
+            )
+        losses.append(epoch_loss)
+        if on_epoch is not None:
+            on_epoch(epoch, epoch_loss)
+    return losses
+
+
+@torch.no_grad()
+def encode(dae: DenoisingAutoencoder, x: torch.Tensor, batch_size: int = 10_000) -> torch.Tensor:
+    """Clean codes of ``x`` for the next layer, computed once."""
+    return torch.cat([dae.encode(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+
+
+@torch.no_grad()
+def reconstruction_loss(dae: DenoisingAutoencoder, x: torch.Tensor, batch_size: int = 10_000) -> float:
+    """Mean reconstruction cross-entropy of uncorrupted ``x``."""
+    total = 0.0
+    for i in range(0, x.shape[0], batch_size):
+        clean = x[i : i + batch_size]
+        total += dae.loss(clean, clean).item() * clean.shape[0]
+    return total / x.shape[0]

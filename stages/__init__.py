@@ -1,0 +1,1 @@
+"""Thin command-line entry points of the DVC pipeline (see dvc.yaml)."""

@@ -1,0 +1,61 @@
+"""What every stage shares: argument parsing, error reporting, seeds, loading splits."""
+
+import argparse
+import os
+import sys
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from sda.artifacts import load_split
+from sda.data import DataSourceError
+from sda.device import make_generator, resolve_device, set_cpu_threads
+from sda.pretrain import DivergenceError
+from stages.params import ParamsError
+
+SPLITS = ("train", "valid", "test")
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument(
+        "--device",
+        default=os.environ.get("SDA_DEVICE", "auto"),
+        help="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ... "
+        "(default: $SDA_DEVICE or auto)",
+    )
+    return parser
+
+
+def setup_torch(device_name: str) -> torch.device:
+    set_cpu_threads()
+    return resolve_device(device_name)
+
+
+def stage_generator(seed: int, stage: str, device: torch.device) -> torch.Generator:
+    """A random stream per stage, so changing one layer leaves the others' draws untouched."""
+    return make_generator(seed * 1_000_003 + zlib.crc32(stage.encode()), device)
+
+
+def load_splits(directory: str | Path, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """All three splits of a directory of .npz files, as tensors already on ``device``."""
+    splits = {}
+    for name in SPLITS:
+        x, y = load_split(Path(directory) / f"{name}.npz")
+        splits[name] = (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+    return splits
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run a stage; known failures become one clear line on stderr and a non-zero exit."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopped before writing any output of this stage", file=sys.stderr)
+        sys.exit(130)
+    except (ParamsError, DataSourceError, DivergenceError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2 if isinstance(err, ParamsError) else 1)

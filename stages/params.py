@@ -1,0 +1,164 @@
+"""params.yaml: the user-facing contract, read and validated before any stage does work.
+
+Every error is a ParamsError whose message names the key and what is allowed, so a typo stops a
+stage at once instead of after twenty minutes of training.
+"""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from sda.data import DATASETS
+from sda.noise import MASKING_MODES
+
+PREPARED_DIR = "data/prepared"
+
+
+def codes_dir(layer: str) -> str:
+    return f"data/codes/{layer}"
+
+
+class ParamsError(ValueError):
+    """params.yaml is malformed or holds a value out of range."""
+
+
+@dataclass(frozen=True)
+class LayerParams:
+    name: str  # layer1, layer2, ...
+    input: str  # directory of the clean codes this layer is trained on
+    units: int
+    corruption: float  # nu: fraction of input components masked to 0
+    masking: str  # fixed | bernoulli
+    epochs: int
+    lr: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    lr: float
+    momentum: float
+    lr_decay: float
+    batch_size: int
+    max_epochs: int
+    patience: int
+    patience_increase: float
+    improvement_threshold: float
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    dataset: str
+    layers: tuple[LayerParams, ...]
+    finetune: FinetuneParams
+
+    def layer(self, name: str) -> LayerParams:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise ParamsError(f"pretrain.{name}: no such layer; params.yaml defines {', '.join(l.name for l in self.layers)}")
+
+
+def _section(value, key: str, allowed: set[str]) -> dict:
+    if not isinstance(value, dict):
+        raise ParamsError(f"{key}: must be a mapping with keys {sorted(allowed)}, got {type(value).__name__}")
+    missing = sorted(allowed - value.keys())
+    if missing:
+        raise ParamsError(f"{key}.{missing[0]}: missing (required keys: {', '.join(sorted(allowed))})")
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise ParamsError(f"{key}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
+    return value
+
+
+def _int(value, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ParamsError(f"{key}: must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ParamsError(f"{key}: must be an integer >= {minimum}, got {value}")
+    return value
+
+
+def _number(value, key: str, low: float, high: float, low_open: bool, high_open: bool) -> float:
+    lo, hi = ("(" if low_open else "[") + f"{low:g}", f"{high:g}" + (")" if high_open else "]")
+    allowed = f"a number in {lo}, {hi}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ParamsError(f"{key}: must be {allowed}, got {value!r}")
+    value = float(value)
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high or value != value:
+        raise ParamsError(f"{key}: must be {allowed}, got {value:g}")
+    return value
+
+
+def _choice(value, key: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ParamsError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+INF = float("inf")
+LAYER_KEYS = {"input", "units", "corruption", "masking", "epochs", "lr", "batch_size"}
+FINETUNE_KEYS = {"lr", "momentum", "lr_decay", "batch_size", "max_epochs", "patience", "patience_increase", "improvement_threshold"}
+
+
+def _layer(name: str, index: int, raw) -> LayerParams:
+    key = f"pretrain.{name}"
+    raw = _section(raw, key, LAYER_KEYS)
+    expected_input = PREPARED_DIR if index == 1 else codes_dir(f"layer{index - 1}")
+    if raw["input"] != expected_input:
+        raise ParamsError(f"{key}.input: must be {expected_input!r} (the previous layer's clean codes), got {raw['input']!r}")
+    return LayerParams(
+        name=name,
+        input=raw["input"],
+        units=_int(raw["units"], f"{key}.units", 1),
+        corruption=_number(raw["corruption"], f"{key}.corruption", 0.0, 1.0, False, True),
+        masking=_choice(raw["masking"], f"{key}.masking", MASKING_MODES),
+        epochs=_int(raw["epochs"], f"{key}.epochs", 0),
+        lr=_number(raw["lr"], f"{key}.lr", 0.0, INF, True, True),
+        batch_size=_int(raw["batch_size"], f"{key}.batch_size", 1),
+    )
+
+
+def parse_params(raw) -> Params:
+    raw = _section(raw, "params.yaml", {"seed", "data", "pretrain", "finetune"})
+    data = _section(raw["data"], "data", {"dataset"})
+    pretrain = raw["pretrain"]
+    if not isinstance(pretrain, dict) or not pretrain:
+        raise ParamsError("pretrain: must map layer1, layer2, ... to layer sections, got " + repr(pretrain))
+    layers = []
+    for index, name in enumerate(pretrain, start=1):
+        if not (isinstance(name, str) and re.fullmatch(r"layer[1-9][0-9]*", name)) or name != f"layer{index}":
+            raise ParamsError(f"pretrain.{name}: layers must be named layer1, layer2, ... in order; expected layer{index} here")
+        layers.append(_layer(name, index, pretrain[name]))
+    ft = _section(raw["finetune"], "finetune", FINETUNE_KEYS)
+    return Params(
+        seed=_int(raw["seed"], "seed", 0),
+        dataset=_choice(data["dataset"], "data.dataset", DATASETS),
+        layers=tuple(layers),
+        finetune=FinetuneParams(
+            lr=_number(ft["lr"], "finetune.lr", 0.0, INF, True, True),
+            momentum=_number(ft["momentum"], "finetune.momentum", 0.0, 1.0, False, True),
+            lr_decay=_number(ft["lr_decay"], "finetune.lr_decay", 0.0, 1.0, True, False),
+            batch_size=_int(ft["batch_size"], "finetune.batch_size", 1),
+            max_epochs=_int(ft["max_epochs"], "finetune.max_epochs", 1),
+            patience=_int(ft["patience"], "finetune.patience", 1),
+            patience_increase=_number(ft["patience_increase"], "finetune.patience_increase", 1.0, INF, False, True),
+            improvement_threshold=_number(ft["improvement_threshold"], "finetune.improvement_threshold", 0.0, 1.0, True, False),
+        ),
+    )
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found (run from the repository root)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: malformed YAML: {err}".replace("\n", " ")) from err
+    return parse_params(raw)

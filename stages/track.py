@@ -1,0 +1,171 @@
+"""Stage track: record the pipeline's results as one MLflow run. The only module that talks to MLflow.
+
+It reads what the other stages recorded (params.yaml, metrics/, plots/, the filter image, dvc.lock),
+so a stage that DVC skipped still appears in the run. DVC re-runs this stage only when one of those
+outputs changed, and a run whose content is already in the store is not logged twice.
+
+Store: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db with artifacts in <repo>/mlartifacts,
+where <repo> is $DVC_ROOT (the real repository, also for `dvc exp run --queue`'s temporary copies)
+or the current directory.
+"""
+
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+# An unreachable server must fail in seconds, not after MLflow's minutes of retries.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+
+from stages.common import run, stage_parser  # noqa: E402
+from stages.params import load_params  # noqa: E402
+
+EXPERIMENT = os.environ.get("SDA_MLFLOW_EXPERIMENT", "sda-pipeline")
+RUN_RECORD = Path("reports/mlflow_run.json")
+
+
+def repo_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def tracking_uri(root: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+
+
+def open_experiment(client: mlflow.MlflowClient, root: Path) -> str:
+    """The experiment's id, creating it with its artifacts under the real repository."""
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = (root / "mlartifacts").as_uri() if client.tracking_uri.startswith("sqlite:") else None
+    try:
+        return client.create_experiment(EXPERIMENT, artifact_location=location)
+    except mlflow.exceptions.MlflowException:
+        # Another process created it between our look-up and our create.
+        return client.get_experiment_by_name(EXPERIMENT).experiment_id
+
+
+def flatten(tree, prefix: str = "") -> dict[str, object]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def read_curve(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def stage_hashes(lock_path: Path) -> dict[str, str]:
+    """md5 of each stage's command, deps, params and outs as recorded in dvc.lock."""
+    if not lock_path.is_file():
+        return {}
+    stages = yaml.safe_load(lock_path.read_text()).get("stages", {})
+    return {
+        name: hashlib.md5(json.dumps(entry, sort_keys=True).encode()).hexdigest()
+        for name, entry in stages.items()
+        if name != "track"
+    }
+
+
+def git_commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
+def collect(params_path: str) -> tuple[dict, dict, list[Metric], list[Path]]:
+    """Params, tags, metrics (final and per-epoch) and artifact files of the current workspace."""
+    params = load_params(params_path)
+    flat_params = {k: str(v) for k, v in flatten(yaml.safe_load(Path(params_path).read_text())).items()}
+    metrics: list[Metric] = []
+
+    def add(key: str, value: float, step: int = 0) -> None:
+        metrics.append(Metric(key, float(value), 0, step))
+
+    for key, value in json.loads(Path("metrics/evaluate.json").read_text()).items():
+        add(key, value)
+    for key, value in json.loads(Path("metrics/finetune.json").read_text()).items():
+        add(f"finetune.{key}", value)
+    for row in read_curve(Path("plots/finetune.csv")):
+        for key in ("lr", "train_loss", "train_error", "valid_error"):
+            add(f"finetune.epoch.{key}", row[key], int(row["epoch"]))
+    artifacts = [Path(params_path), Path("plots/finetune.csv"), Path("metrics/evaluate.json"), Path("metrics/finetune.json")]
+    for layer in params.layers:
+        for key, value in json.loads(Path(f"metrics/pretrain/{layer.name}.json").read_text()).items():
+            add(f"pretrain.{layer.name}.{key}", value)
+        curve = Path(f"plots/pretrain/{layer.name}.csv")
+        for row in read_curve(curve):
+            add(f"pretrain.{layer.name}.epoch.loss", row["loss"], int(row["epoch"]))
+        artifacts += [curve, Path(f"metrics/pretrain/{layer.name}.json")]
+    artifacts.append(Path("models/pretrain/layer1/filters.png"))
+
+    hashes = stage_hashes(Path("dvc.lock"))
+    tags = {
+        "dataset": params.dataset,
+        "git_commit": git_commit(),
+        "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
+        "sweep_id": os.environ.get("SDA_SWEEP_ID", ""),
+        **{f"dvc_stage.{name}": value for name, value in hashes.items()},
+    }
+    # Identity of the results, leaving out wall-clock timings, so that re-running an unchanged
+    # pipeline (dvc repro --force, a re-queued experiment) is recognised and not logged twice.
+    content = hashlib.sha256()
+    content.update(json.dumps(flat_params, sort_keys=True).encode())
+    timed = {Path("metrics/finetune.json")} | {Path(f"metrics/pretrain/{l.name}.json") for l in params.layers}
+    for path in artifacts:
+        if path not in timed:
+            content.update(path.read_bytes())
+    tags["content_hash"] = content.hexdigest()
+    return flat_params, tags, metrics, artifacts
+
+
+def main() -> None:
+    args = stage_parser(__doc__).parse_args()
+    flat_params, tags, metrics, artifacts = collect(args.params)
+    root = repo_root()
+    uri = tracking_uri(root)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    try:
+        experiment_id = open_experiment(client, root)
+        existing = client.search_runs([experiment_id], f"tags.content_hash = '{tags['content_hash']}' and attributes.status = 'FINISHED'", max_results=1)
+        if existing:
+            run_id = existing[0].info.run_id
+            print(f"track: these results are already MLflow run {run_id}; not logging a duplicate")
+        else:
+            run_name = tags["dvc_experiment"] or None
+            run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+            try:
+                client.log_batch(run_id, params=[Param(k, v) for k, v in flat_params.items()])
+                for start in range(0, len(metrics), 900):
+                    client.log_batch(run_id, metrics=metrics[start : start + 900])
+                for path in artifacts:
+                    folder = path.parent.as_posix()
+                    client.log_artifact(run_id, str(path), artifact_path=None if folder == "." else folder)
+            except BaseException:
+                client.set_terminated(run_id, "FAILED")  # never passes for a complete record
+                raise
+            client.set_terminated(run_id)
+            print(f"track: logged MLflow run {run_id} in experiment {EXPERIMENT!r} at {uri}")
+    except mlflow.exceptions.MlflowException as err:
+        print(f"error: MLflow store {uri} failed: {str(err).splitlines()[0]}", file=sys.stderr)
+        sys.exit(1)
+    from sda.artifacts import save_json
+
+    save_json(RUN_RECORD, {"run_id": run_id, "experiment": EXPERIMENT, "tracking_uri": uri})
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,80 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACKED = ["sda", "stages", "dvc.yaml", "params.yaml", ".gitignore", "pyproject.toml"]
+
+
+def tiny_digits_params() -> dict:
+    """The default params with digits and sizes small enough for a pipeline in seconds."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["dataset"] = "digits"
+    for layer in params["pretrain"].values():
+        layer.update(units=24, epochs=3, batch_size=20, lr=0.1)
+    params["finetune"].update(max_epochs=6, patience=3, batch_size=20)
+    return params
+
+
+def pipeline_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "SDA_"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        DVC_NO_ANALYTICS="1",
+        SDA_THREADS="1",
+        GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com",
+    )
+    return env
+
+
+class PipelineRepo:
+    """A temporary git + DVC repository holding a copy of the project."""
+
+    def __init__(self, path: Path, params: dict):
+        self.path = path
+        for name in TRACKED:
+            source = ROOT / name
+            if source.is_dir():
+                shutil.copytree(source, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy(source, path / name)
+        self.write_params(params)
+        self.env = pipeline_env()
+        self.run("git", "init", "-q", "-b", "main")
+        self.run("dvc", "init", "-q")
+        self.run("dvc", "config", "core.analytics", "false")
+        self.commit("initial")
+
+    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        done = subprocess.run(cmd, cwd=self.path, env=self.env, capture_output=True, text=True)
+        if check and done.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited {done.returncode}\n{done.stdout}\n{done.stderr}")
+        return done
+
+    def commit(self, message: str) -> None:
+        self.run("git", "add", "-A")
+        self.run("git", "commit", "-q", "--allow-empty", "-m", message)
+
+    def params(self) -> dict:
+        return yaml.safe_load((self.path / "params.yaml").read_text())
+
+    def write_params(self, params: dict) -> None:
+        (self.path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def repro(self, *args: str) -> list[str]:
+        """Run `dvc repro`; return the stages it ran, in order."""
+        done = self.run("dvc", "repro", *args)
+        return [line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage '")]
+
+
+@pytest.fixture
+def pipeline_repo(tmp_path) -> PipelineRepo:
+    (tmp_path / "repo").mkdir()
+    return PipelineRepo(tmp_path / "repo", tiny_digits_params())

@@ -1,0 +1,56 @@
+"""The real dvc and the real MLflow (sqlite) on a tiny digits config in a temporary git repo."""
+
+import json
+
+import mlflow
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ALL_STAGES = ["prepare", "pretrain@layer1", "pretrain@layer2", "pretrain@layer3", "finetune", "evaluate", "track"]
+
+
+def finished_runs(repo):
+    client = mlflow.MlflowClient(f"sqlite:///{repo.path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sda-pipeline")
+    return client, client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")
+
+
+def test_repro_runs_all_then_nothing_then_only_what_a_param_change_touches(pipeline_repo):
+    repo = pipeline_repo
+    assert repo.repro() == ALL_STAGES
+    assert repo.repro() == []
+
+    params = repo.params()
+    params["pretrain"]["layer3"]["corruption"] = 0.45
+    repo.write_params(params)
+    assert repo.repro() == ["pretrain@layer3", "finetune", "evaluate", "track"]
+    assert repo.repro() == []
+
+    metrics = json.loads((repo.path / "metrics/evaluate.json").read_text())
+    assert 0 <= metrics["test_error"] < 0.9 and metrics["test_examples"] == 400
+    assert metrics["test_error_ci95"] == pytest.approx(1.96 * (metrics["test_error"] * (1 - metrics["test_error"]) / 400) ** 0.5)
+    shown = repo.run("dvc", "metrics", "show", "--json").stdout
+    assert "test_error" in shown and "layer3_train_loss" in shown
+
+    client, runs = finished_runs(repo)
+    assert len(runs) == 2
+    latest = runs[0]
+    assert latest.data.params["pretrain.layer3.corruption"] == "0.45"
+    assert latest.data.metrics["test_error"] == metrics["test_error"]
+    assert latest.data.tags["dataset"] == "digits"
+    assert len(client.get_metric_history(latest.info.run_id, "pretrain.layer1.epoch.loss")) == 3
+    assert len(client.get_metric_history(latest.info.run_id, "finetune.epoch.valid_error")) >= 3
+    artifacts = {a.path for a in client.list_artifacts(latest.info.run_id, "models/pretrain/layer1")}
+    assert artifacts == {"models/pretrain/layer1/filters.png"}
+    assert (repo.path / "mlartifacts").is_dir()
+
+
+def test_same_params_and_seed_give_identical_results(pipeline_repo):
+    repo = pipeline_repo
+    repo.repro()
+    first = {p: (repo.path / p).read_text() for p in ("metrics/evaluate.json", "plots/finetune.csv", "plots/pretrain/layer2.csv")}
+    repo.repro("--force", "--no-run-cache")
+    assert {p: (repo.path / p).read_text() for p in first} == first
+    _, runs = finished_runs(repo)
+    assert len(runs) == 1, "identical results must not be logged to MLflow twice"
