@@ -89,14 +89,28 @@ def test_a_fourth_layer_section_adds_a_layer():
     assert [l.name for l in parse_params(params).layers] == ["layer1", "layer2", "layer3", "layer4"]
 
 
+def run_stage(directory: Path, *stage: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", *stage], cwd=directory, capture_output=True, text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path, value, key", BAD, ids=[f"{p}={v!r}" for p, v, _ in BAD])
+def test_every_kind_of_bad_params_stops_a_stage_with_one_line_and_writes_nothing(tmp_path, path, value, key):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_change(path, value)))
+    done = run_stage(tmp_path, "stages.pretrain", "layer1")
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [done.stderr.splitlines()[0]] and done.stderr.startswith(f"error: {key}: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
 @pytest.mark.parametrize("stage", [["stages.prepare"], ["stages.pretrain", "layer1"], ["stages.finetune"], ["stages.evaluate"]])
 def test_every_stage_exits_before_work_and_writes_nothing(tmp_path, stage):
     bad = with_change("pretrain.layer3.corruption", 1.2)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
-    done = subprocess.run(
-        [sys.executable, "-m", *stage], cwd=tmp_path, capture_output=True, text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-    )
+    done = run_stage(tmp_path, *stage)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: pretrain.layer3.corruption: must be a number in [0, 1), got 1.2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

@@ -1,0 +1,100 @@
+"""Killed stages, interrupts, divergence and an unreachable tracking server, with real processes."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def slow_layer2(repo, epochs=400):
+    params = repo.params()
+    params["pretrain"]["layer2"]["epochs"] = epochs
+    repo.write_params(params)
+
+
+def wait_for_process(pattern: str, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+        if done.stdout.strip():
+            return int(done.stdout.split()[0])
+        time.sleep(0.1)
+    raise AssertionError(f"no process matching {pattern!r} within {timeout}s")
+
+
+def test_sigkill_mid_epoch_leaves_nothing_half_written_and_repro_recovers(pipeline_repo):
+    repo = pipeline_repo
+    slow_layer2(repo)
+    dvc = subprocess.Popen(["dvc", "repro"], cwd=repo.path, env=repo.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stage = wait_for_process(f"stages.pretrain layer2")
+    time.sleep(2.0)  # well inside the epoch loop
+    os.kill(stage, signal.SIGKILL)
+    out, _ = dvc.communicate(timeout=60)
+    assert dvc.returncode != 0, out
+    assert not (repo.path / "models/pretrain/layer2/weights.pt").exists()
+    assert not (repo.path / "metrics/pretrain/layer2.json").exists()
+
+    assert repo.repro() == ["pretrain@layer2", "pretrain@layer3", "finetune", "evaluate", "track"]
+    assert repo.repro() == []
+    assert "up to date" in repo.run("dvc", "status").stdout
+    repo.run("dvc", "status", "--cloud", check=False)
+    assert repo.run("dvc", "data", "status", "--json").returncode == 0
+    # Every cached object still matches its hash: checking out from the cache after deleting the
+    # workspace copies restores outputs identical to what dvc.lock recorded.
+    for path in ("models/pretrain/layer1", "data/codes/layer1"):
+        subprocess.run(["rm", "-rf", str(repo.path / path)], check=True)
+    repo.run("dvc", "checkout")
+    assert "up to date" in repo.run("dvc", "status").stdout
+
+
+def test_sigint_stops_a_stage_promptly_with_a_message_and_no_output(pipeline_repo):
+    repo = pipeline_repo
+    assert repo.repro("prepare", "--single-item") == ["prepare"]
+    repo.run("dvc", "repro", "pretrain@layer1")
+    slow_layer2(repo, epochs=2000)
+    stage = subprocess.Popen([sys.executable, "-m", "stages.pretrain", "layer2"], cwd=repo.path, env=repo.env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(6.0)  # imports, data loading, then training
+    assert stage.poll() is None, stage.communicate()
+    sent = time.monotonic()
+    stage.send_signal(signal.SIGINT)
+    _, err = stage.communicate(timeout=10)
+    assert time.monotonic() - sent < 5
+    assert stage.returncode == 130
+    assert "interrupted" in err
+    assert not (repo.path / "models/pretrain/layer2").exists()
+
+
+def test_a_diverging_learning_rate_stops_naming_layer_and_epoch_and_writes_no_model(pipeline_repo):
+    repo = pipeline_repo
+    params = repo.params()
+    params["pretrain"]["layer2"]["lr"] = 1e38  # overflows float32 in the first steps
+    repo.write_params(params)
+    done = repo.run("dvc", "repro", check=False)
+    assert done.returncode != 0
+    assert re.search(r"error: pretrain\.layer2: reconstruction loss became (nan|inf) at epoch 1 ", done.stderr), done.stderr
+    assert not (repo.path / "models/pretrain/layer2").exists()
+    assert (repo.path / "models/pretrain/layer1/weights.pt").exists()
+
+
+def test_an_unreachable_tracking_server_fails_fast_with_a_clear_message(pipeline_repo):
+    repo = pipeline_repo
+    repo.repro()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(repo.env, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "stages.track"], cwd=repo.path, env=env, capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - started < 60
+    assert done.returncode == 1
+    assert f"error: MLflow store http://127.0.0.1:{port} failed" in done.stderr
