@@ -51,7 +51,8 @@ def main() -> None:
     # compares corruption levels from the same initialisation. Drawn on the CPU for every device.
     init = torch.Generator().manual_seed(generator.initial_seed())
     dae = DenoisingAutoencoder(x_train.shape[1], layer.units, generator=init).to(device)
-    print(f"{layer.name}: {x_train.shape[1]} -> {layer.units} units, {noise}, {layer.epochs} epochs on {device}")
+    print(f"{layer.name}: {x_train.shape[1]} -> {layer.units} units, {noise}, {layer.epochs} epochs on {device}"
+          + (f" with {torch.get_num_threads()} threads" if device.type == "cpu" else ""))
 
     started = time.perf_counter()
     losses = pretrain_layer(

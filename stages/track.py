@@ -9,7 +9,9 @@ where <repo> is $DVC_ROOT (the real repository, also for `dvc exp run --queue`'s
 or the current directory.
 """
 
+import contextlib
 import csv
+import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +29,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 
+from sda.artifacts import save_json  # noqa: E402
 from stages.common import run, stage_parser  # noqa: E402
 from stages.params import load_params  # noqa: E402
 
@@ -115,9 +118,9 @@ def collect(params_path: str) -> tuple[dict, dict, list[Metric], list[Path]]:
     hashes = stage_hashes(Path("dvc.lock"))
     tags = {
         "dataset": params.dataset,
-        "git_commit": git_commit(),
+        # Queued experiments run in a temporary copy whose HEAD is not the user's commit.
+        "git_commit": os.environ.get("DVC_EXP_BASELINE_REV") or git_commit(),
         "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
-        "sweep_id": os.environ.get("SDA_SWEEP_ID", ""),
         **{f"dvc_stage.{name}": value for name, value in hashes.items()},
     }
     # Identity of the results, leaving out wall-clock timings, so that re-running an unchanged
@@ -132,39 +135,140 @@ def collect(params_path: str) -> tuple[dict, dict, list[Metric], list[Path]]:
     return flat_params, tags, metrics, artifacts
 
 
-def main() -> None:
-    args = stage_parser(__doc__).parse_args()
-    flat_params, tags, metrics, artifacts = collect(args.params)
+@contextlib.contextmanager
+def store_lock():
+    """Serialise the writers of a local sqlite store across processes.
+
+    Several processes creating one sqlite store at the same moment corrupt it (MLflow 3.17), and
+    parallel queue workers finish at the same moment often enough; a server store needs no lock.
+    """
+    uri = tracking_uri(repo_root())
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri[len("sqlite:///"):] + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def open_store() -> tuple[mlflow.MlflowClient, str, str]:
+    """(client, experiment id, tracking URI), creating the store and experiment if needed."""
     root = repo_root()
     uri = tracking_uri(root)
-    client = mlflow.MlflowClient(tracking_uri=uri)
     try:
-        experiment_id = open_experiment(client, root)
-        existing = client.search_runs([experiment_id], f"tags.content_hash = '{tags['content_hash']}' and attributes.status = 'FINISHED'", max_results=1)
+        with store_lock():  # the client creates (migrates) a new sqlite store when constructed
+            client = mlflow.MlflowClient(tracking_uri=uri)
+            return client, open_experiment(client, root), uri
+    except mlflow.exceptions.MlflowException as err:
+        raise StoreError(f"MLflow store {uri} failed: {str(err).splitlines()[0]}") from err
+
+
+class StoreError(RuntimeError):
+    """The MLflow store cannot be reached or written."""
+
+
+def log_pipeline_run(params_path: str) -> tuple[str, str]:
+    """Log the workspace's results as one run, unless identical results are logged already."""
+    flat_params, tags, metrics, artifacts = collect(params_path)
+    client, experiment_id, uri = open_store()
+    with store_lock():
+        return _log_once(client, experiment_id, uri, flat_params, tags, metrics, artifacts)
+
+
+def _log_once(client, experiment_id, uri, flat_params, tags, metrics, artifacts) -> tuple[str, str]:
+    try:
+        existing = client.search_runs(
+            [experiment_id], f"tags.content_hash = '{tags['content_hash']}' and attributes.status = 'FINISHED'", max_results=1
+        )
         if existing:
             run_id = existing[0].info.run_id
             print(f"track: these results are already MLflow run {run_id}; not logging a duplicate")
-        else:
-            run_name = tags["dvc_experiment"] or None
-            run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-            try:
-                client.log_batch(run_id, params=[Param(k, v) for k, v in flat_params.items()])
-                for start in range(0, len(metrics), 900):
-                    client.log_batch(run_id, metrics=metrics[start : start + 900])
-                for path in artifacts:
-                    folder = path.parent.as_posix()
-                    client.log_artifact(run_id, str(path), artifact_path=None if folder == "." else folder)
-            except BaseException:
-                client.set_terminated(run_id, "FAILED")  # never passes for a complete record
-                raise
-            client.set_terminated(run_id)
-            print(f"track: logged MLflow run {run_id} in experiment {EXPERIMENT!r} at {uri}")
+            return run_id, uri
+        run_id = client.create_run(experiment_id, run_name=tags["dvc_experiment"] or None, tags=tags).info.run_id
+        try:
+            client.log_batch(run_id, params=[Param(k, v) for k, v in flat_params.items()])
+            for start in range(0, len(metrics), 900):
+                client.log_batch(run_id, metrics=metrics[start : start + 900])
+            for path in artifacts:
+                folder = path.parent.as_posix()
+                client.log_artifact(run_id, str(path), artifact_path=None if folder == "." else folder)
+        except BaseException:
+            client.set_terminated(run_id, "FAILED")  # never passes for a complete record
+            raise
+        client.set_terminated(run_id)
+        print(f"track: logged MLflow run {run_id} in experiment {EXPERIMENT!r} at {uri}")
+        return run_id, uri
     except mlflow.exceptions.MlflowException as err:
-        print(f"error: MLflow store {uri} failed: {str(err).splitlines()[0]}", file=sys.stderr)
-        sys.exit(1)
-    from sda.artifacts import save_json
+        raise StoreError(f"MLflow store {uri} failed: {str(err).splitlines()[0]}") from err
 
+
+def main() -> None:
+    args = stage_parser(__doc__).parse_args()
+    try:
+        run_id, uri = log_pipeline_run(args.params)
+    except StoreError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     save_json(RUN_RECORD, {"run_id": run_id, "experiment": EXPERIMENT, "tracking_uri": uri})
+
+
+# Sweeps (stages/ablate.py): find each point's run, group the runs, log the sweep's report.
+
+
+def finished_runs(client: mlflow.MlflowClient, experiment_id: str) -> list:
+    """Every complete pipeline run of the experiment, newest first (sweep reports excluded)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], "attributes.status = 'FINISHED'", max_results=1000,
+                                  order_by=["attributes.start_time DESC"], page_token=token)
+        runs += [r for r in page if r.data.tags.get("kind") != "sweep-report"]
+        token = page.token
+        if not token:
+            return runs
+
+
+def find_point_run(runs: list, expected: dict[str, object]):
+    """The newest run whose params equal ``expected`` (numbers compared as numbers), or None."""
+
+    def same(logged: str | None, wanted) -> bool:
+        if logged is None:
+            return False
+        if isinstance(wanted, (int, float)) and not isinstance(wanted, bool):
+            try:
+                return float(logged) == float(wanted)
+            except ValueError:
+                return False
+        return logged == str(wanted)
+
+    for run in runs:
+        if all(same(run.data.params.get(k), v) for k, v in expected.items()):
+            return run
+    return None
+
+
+def log_sweep(sweep_id: str, point_runs: dict[str, str], report_dir: Path, tags: dict[str, str]) -> str:
+    """One parent run holding the sweep's report; the point runs become its children."""
+    client, experiment_id, _ = open_store()
+    parent = client.create_run(experiment_id, run_name=f"sweep {sweep_id}",
+                               tags={"kind": "sweep-report", "sweep_id": sweep_id, **tags}).info.run_id
+    for path in sorted(report_dir.iterdir()):
+        client.log_artifact(parent, str(path), artifact_path="report")
+    for exp_name, run_id in point_runs.items():
+        client.set_tag(run_id, "sweep_id", sweep_id)
+        client.set_tag(run_id, "mlflow.parentRunId", parent)
+        client.set_tag(run_id, "sweep_point", exp_name)
+    client.set_terminated(parent)
+    return parent
+
+
+def download_artifact(run_id: str, path: str, destination: Path) -> Path:
+    client, _, _ = open_store()
+    return Path(client.download_artifacts(run_id, path, str(destination)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,181 @@
+"""Corruption sweep: one DVC experiment per nu, run by parallel queue workers, compared in MLflow.
+
+    python -m stages.ablate                                   # nu 0 .1 .25 .4 .5 on every layer
+    python -m stages.ablate --nu 0 0.25 0.5 --layers layer3 --jobs 2 --dataset digits
+
+Steps: (1) create the MLflow store once; (2) run the stages that every point shares (data, and
+the layers below the lowest swept one) once, in a temporary DVC experiment, which fills DVC's
+run-cache; (3) queue one experiment per nu (`dvc exp run --queue -S ...`) and run them with N
+workers (`dvc exp run --run-all -j N`), each restoring the shared stages from the run-cache and
+using cores/N torch threads; (4) find each point's MLflow run, tag it with the sweep id and group
+it under one parent run that holds the report; (5) write reports/sweeps/<id>/: table.md/json,
+test_error_vs_nu.png, filters_by_nu.png. Results are also in `dvc exp show`.
+
+Queued experiments see only what git tracks: commit your changes first (this command checks).
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from stages.common import run
+from stages.params import ParamsError, load_params, parse_params
+from stages.sweep_report import FILTER_LEVELS, filter_figure, plot_error_against_nu, write_table
+from stages.track import download_artifact, finished_runs, flatten, find_point_run, log_sweep, open_store
+
+DEFAULT_NU = (0.0, 0.1, 0.25, 0.4, 0.5)
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot start or a point failed."""
+
+
+def dvc(*args: str, env: dict | None = None, echo: bool = True) -> str:
+    if echo:
+        print("$ dvc " + " ".join(args), flush=True)
+    done = subprocess.run(["dvc", *args], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SweepError(f"`dvc {' '.join(args)}` failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def check_committed() -> None:
+    """Queued experiments are built from git: uncommitted code would silently not be used."""
+    done = subprocess.run(["git", "status", "--porcelain", "--", "dvc.yaml", "params.yaml", "dvc.lock", "sda", "stages"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SweepError(f"not a git repository here: {done.stderr.strip()}")
+    if done.stdout.strip():
+        changed = ", ".join(line[3:] for line in done.stdout.splitlines()[:5])
+        raise SweepError(f"commit these first; queued experiments see only what git has committed: {changed}")
+
+
+def check_queue_empty() -> None:
+    status = dvc("queue", "status", echo=False)
+    waiting = [line for line in status.splitlines() if " Queued " in f" {line} " or " Running " in f" {line} "]
+    if waiting:
+        raise SweepError("the DVC queue already holds experiments (see `dvc queue status`); run them or "
+                         "`dvc queue remove --queued` first, so this sweep runs only its own points")
+
+
+def sweep_points(params_raw: dict, nus: list[float], layers: list[str], dataset: str | None) -> list[dict[str, object]]:
+    """The -S overrides of each point, each checked against the params contract before anything runs."""
+    points = []
+    for nu in nus:
+        overrides: dict[str, object] = {f"pretrain.{layer}.corruption": nu for layer in layers}
+        if dataset:
+            overrides["data.dataset"] = dataset
+        candidate = yaml.safe_load(yaml.safe_dump(params_raw))
+        for key, value in overrides.items():
+            node = candidate
+            *parents, last = key.split(".")
+            for part in parents:
+                node = node[part]
+            node[last] = value
+        try:
+            parse_params(candidate)
+        except ParamsError as err:
+            raise ParamsError(f"--nu {nu:g}: {err}") from err
+        points.append({"nu": nu, "overrides": overrides, "params": flatten(candidate)})
+    return points
+
+
+def set_args(overrides: dict[str, object]) -> list[str]:
+    return [arg for key, value in overrides.items() for arg in ("-S", f"{key}={value}")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nu", type=float, nargs="+", default=list(DEFAULT_NU), help="corruption levels (default: %(default)s)")
+    parser.add_argument("--layers", nargs="+", default=["all"], help="layers whose corruption is swept: all, or names such as layer3 (default: all)")
+    parser.add_argument("--dataset", choices=["mnist", "digits"], help="dataset for every point (default: params.yaml's)")
+    parser.add_argument("--jobs", "-j", type=int, default=2, help="parallel queue workers (default: %(default)s)")
+    parser.add_argument("--threads", type=int, help="torch threads per worker (default: cores / jobs, at least 1)")
+    parser.add_argument("--sweep-id", help="name of the sweep (default: sweep-<date>-<time>)")
+    parser.add_argument("--params", default="params.yaml", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    layer_names = [l.name for l in params.layers]
+    layers = layer_names if args.layers == ["all"] else args.layers
+    for layer in layers:
+        if layer not in layer_names:
+            raise ParamsError(f"--layers: {layer!r} is not a layer of params.yaml ({', '.join(layer_names)}) or 'all'")
+    if args.jobs < 1:
+        raise ParamsError(f"--jobs: must be an integer >= 1, got {args.jobs}")
+    if len(set(args.nu)) != len(args.nu):
+        raise ParamsError(f"--nu: values must be distinct, got {args.nu}")
+    points = sweep_points(yaml.safe_load(Path(args.params).read_text()), args.nu, layers, args.dataset)
+    sweep_id = args.sweep_id or time.strftime("sweep-%Y%m%d-%H%M%S")
+    threads = args.threads or max(1, len(os.sched_getaffinity(0)) // args.jobs)
+    check_committed()
+    check_queue_empty()
+
+    # 1. The store exists before any worker writes to it.
+    open_store()
+    env = dict(os.environ, SDA_THREADS=str(threads))
+
+    # 2. Shared stages once: prepare, and the layers below the lowest swept one.
+    lowest = min(layer_names.index(layer) for layer in layers)
+    shared_target = "prepare" if lowest == 0 else f"pretrain@{layer_names[lowest - 1]}"
+    shared = {k: v for k, v in points[0]["overrides"].items() if k == "data.dataset"}
+    dvc("exp", "run", "--temp", "--name", f"{sweep_id}-shared", *set_args(shared), shared_target, env=env)
+
+    # 3. One queued experiment per point, run by parallel workers.
+    names = {}
+    for point in points:
+        name = f"{sweep_id}-nu{point['nu']:g}".replace(".", "p")
+        dvc("exp", "run", "--queue", "--name", name, *set_args(point["overrides"]), env=env)
+        names[name] = point
+    started = time.perf_counter()
+    print(f"running {len(points)} points with {args.jobs} workers x {threads} torch threads ...", flush=True)
+    dvc("exp", "run", "--run-all", "--jobs", str(args.jobs), env=env)
+    failed = [line for line in dvc("queue", "status", echo=False).splitlines() if "Failed" in line]
+    if failed:
+        raise SweepError("sweep points failed (see `dvc queue logs <name>`):\n" + "\n".join(failed))
+    print(f"points done in {(time.perf_counter() - started) / 60:.1f} min")
+
+    # 4. Each point's MLflow run (a re-run of an unchanged point finds the earlier run: no duplicate).
+    client, experiment_id, uri = open_store()
+    runs = finished_runs(client, experiment_id)
+    rows, point_runs = [], {}
+    for name, point in names.items():
+        found = find_point_run(runs, point["params"])
+        if found is None:
+            raise SweepError(f"{name}: no finished MLflow run with its params in {uri}")
+        point_runs[name] = found.info.run_id
+        metrics = found.data.metrics
+        rows.append({"nu": point["nu"], "experiment": name, "run_id": found.info.run_id,
+                     **{k: metrics[k] for k in ("valid_error", "test_error", "test_error_ci95")},
+                     **{f"{l}_train_loss": metrics[f"pretrain.{l}.train_loss"] for l in layer_names}})
+
+    # 5. The report, on disk and in MLflow.
+    report_dir = Path("reports/sweeps") / sweep_id
+    report_dir.mkdir(parents=True, exist_ok=True)
+    write_table(rows, layer_names, report_dir)
+    dataset = args.dataset or params.dataset
+    plot_error_against_nu(rows, f"{dataset}: corruption of {', '.join(layers)}", report_dir)
+    has_figure = False
+    if "layer1" in layers:
+        with tempfile.TemporaryDirectory() as tmp:
+            images = {row["nu"]: download_artifact(row["run_id"], "models/pretrain/layer1/filters.png", Path(tmp) / f"{row['nu']:g}")
+                      for row in rows if row["nu"] in FILTER_LEVELS}
+            has_figure = filter_figure(images, report_dir)
+    parent = log_sweep(sweep_id, point_runs, report_dir, {"dataset": dataset, "swept_layers": ",".join(layers)})
+    print((report_dir / "table.md").read_text())
+    print(f"report: {report_dir}/ (table.md, test_error_vs_nu.png{', filters_by_nu.png' if has_figure else ''}); "
+          f"MLflow: parent run {parent} with {len(point_runs)} child runs in {uri}")
+
+
+if __name__ == "__main__":
+    try:
+        run(main)
+    except SweepError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,64 @@
+"""The corruption sweep's report: a table, test error against nu, and the filter figure."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+
+from sda.artifacts import atomic_path, save_json, save_text
+from sda.filters import save_png
+
+FILTER_LEVELS = (0.0, 0.25, 0.5)  # ICML 2008 Fig. 3
+
+
+def write_table(rows: list[dict], layers: list[str], report_dir: Path) -> None:
+    """rows: nu, valid_error, test_error, test_error_ci95, <layer>_train_loss, experiment, run_id."""
+    header = "| nu | valid error | test error +- 95% CI | " + " | ".join(f"{l} final loss" for l in layers) + " | DVC experiment |"
+    lines = [header, "|" + "---|" * (4 + len(layers))]
+    for row in sorted(rows, key=lambda r: r["nu"]):
+        name = f"{row['nu']:g}" + (" (SAA)" if row["nu"] == 0 else "")
+        losses = " | ".join(f"{row[f'{l}_train_loss']:.3f}" for l in layers)
+        lines.append(f"| {name} | {row['valid_error']:.2%} | {row['test_error']:.2%} +- {row['test_error_ci95']:.2%} | {losses} | {row['experiment']} |")
+    save_text(report_dir / "table.md", "\n".join(lines) + "\n")
+    save_json(report_dir / "table.json", sorted(rows, key=lambda r: r["nu"]))
+
+
+def plot_error_against_nu(rows: list[dict], title: str, report_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["nu"])
+    nu = [r["nu"] for r in rows]
+    err = [100 * r["test_error"] for r in rows]
+    ci = [100 * r["test_error_ci95"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.errorbar(nu, err, yerr=ci, marker="o", capsize=4, label="SdA: test error +- 95% CI")
+    saa = [r for r in rows if r["nu"] == 0]
+    if saa:
+        ax.scatter([0], [100 * saa[0]["test_error"]], s=160, facecolors="none", edgecolors="red", zorder=3,
+                   label="nu = 0: SAA (plain autoencoders)")
+    ax.set_xlabel("corruption level nu (fraction of inputs masked)")
+    ax.set_ylabel("test error (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(report_dir / "test_error_vs_nu.png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def filter_figure(images: dict[float, Path], report_dir: Path) -> bool:
+    """First-layer filters at nu = 0, 0.25, 0.5 side by side (same initialisation, same unit order)."""
+    available = [nu for nu in FILTER_LEVELS if nu in images]
+    if len(available) < 2:
+        return False
+    panels = [torch.from_numpy(np.asarray(Image.open(images[nu]).convert("L"), dtype=np.float32) / 255) for nu in available]
+    grid = make_grid([p.unsqueeze(0) for p in panels], nrow=len(panels), padding=8, pad_value=1.0)[0]
+    save_png((grid.numpy() * 255).round().astype(np.uint8), report_dir / "filters_by_nu.png")
+    save_text(report_dir / "filters_by_nu.txt", "panels, left to right: nu = " + ", ".join(f"{nu:g}" for nu in available) + "\n")
+    return True
