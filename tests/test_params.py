@@ -106,6 +106,19 @@ def test_every_kind_of_bad_params_stops_a_stage_with_one_line_and_writes_nothing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("text, message", [
+    ("seed: 1\npretrain: [unclosed\n", "error: params.yaml: malformed YAML"),
+    ("- just\n- a list\n", "error: params.yaml: must be a mapping"),
+    (yaml.safe_dump(dict(DEFAULT, pretrain={"layer2": DEFAULT["pretrain"]["layer2"]})), "error: pretrain.layer2: layers must be named layer1, layer2"),
+], ids=["malformed", "not-a-mapping", "misnumbered-layers"])
+def test_unreadable_params_files_stop_a_stage_the_same_way(tmp_path, text, message):
+    (tmp_path / "params.yaml").write_text(text)
+    done = run_stage(tmp_path, "stages.pretrain", "layer1")
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and done.stderr.startswith(message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
 @pytest.mark.parametrize("stage", [["stages.prepare"], ["stages.pretrain", "layer1"], ["stages.finetune"], ["stages.evaluate"]])
 def test_every_stage_exits_before_work_and_writes_nothing(tmp_path, stage):
     bad = with_change("pretrain.layer3.corruption", 1.2)
