@@ -19,7 +19,6 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import mlflow
 
 
 def free_port() -> int:
@@ -36,10 +35,12 @@ def main() -> None:
     parser.add_argument("--size", default="1600,1100")
     args = parser.parse_args()
 
-    client = mlflow.MlflowClient(args.store)
-    experiment = client.get_experiment_by_name("sda-pipeline")
-    runs = client.search_runs([experiment.experiment_id], f"tags.sweep_id = '{args.sweep_id}'")
-    runs = [r for r in runs if r.data.tags.get("kind") != "sweep-report"]
+    os.environ["MLFLOW_TRACKING_URI"] = args.store
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from stages.track import finished_runs, open_store  # the one module that talks to MLflow
+
+    client, experiment_id, _ = open_store()
+    runs = [r for r in finished_runs(client, experiment_id) if r.data.tags.get("sweep_id") == args.sweep_id]
     if not runs:
         sys.exit(f"no runs tagged sweep_id={args.sweep_id} in {args.store}")
     port = free_port()
@@ -55,7 +56,7 @@ def main() -> None:
             except OSError:
                 time.sleep(1)
         ids = json.dumps([r.info.run_id for r in runs])
-        query = urllib.parse.urlencode({"runs": ids, "experiments": json.dumps([experiment.experiment_id])})
+        query = urllib.parse.urlencode({"runs": ids, "experiments": json.dumps([experiment_id])})
         url = f"http://127.0.0.1:{port}/#/compare-runs?{query}"
         with tempfile.TemporaryDirectory() as profile:
             subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",

@@ -5,7 +5,6 @@ split for the next layer in data/codes/<layer>/, metrics/pretrain/<layer>.json a
 loss curve plots/pretrain/<layer>.csv.
 """
 
-import math
 import time
 from pathlib import Path
 
@@ -63,7 +62,8 @@ def main() -> None:
     codes = {name: encode(dae, x) for name, (x, _) in splits.items()}
     metrics = {
         "epochs": layer.epochs,
-        "train_loss": losses[-1] if losses else math.nan,
+        # Last epoch's mean loss on corrupted inputs; untrained (0 epochs): the clean loss.
+        "train_loss": losses[-1] if losses else reconstruction_loss(dae, x_train),
         "valid_clean_reconstruction": reconstruction_loss(dae, splits["valid"][0]),
         "seconds": round(seconds, 2),
         "examples_per_second": round(layer.epochs * x_train.shape[0] / seconds, 1) if layer.epochs else 0.0,
