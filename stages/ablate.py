@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from sda.data import DATASETS
 from stages.common import run
 from stages.params import ParamsError, load_params, parse_params
 from stages.sweep_report import FILTER_LEVELS, filter_figure, plot_error_against_nu, write_table
@@ -64,25 +65,31 @@ def check_queue_empty() -> None:
                          "`dvc queue remove --queued` first, so this sweep runs only its own points")
 
 
-def sweep_points(params_raw: dict, nus: list[float], layers: list[str], dataset: str | None) -> list[dict[str, object]]:
-    """The -S overrides of each point, each checked against the params contract before anything runs."""
+def apply_overrides(params_raw: dict, overrides: dict[str, object]) -> dict:
+    """A copy of the params tree with dotted-key overrides applied, checked against the contract."""
+    candidate = yaml.safe_load(yaml.safe_dump(params_raw))
+    for key, value in overrides.items():
+        node = candidate
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    parse_params(candidate)
+    return candidate
+
+
+def sweep_points(params_raw: dict, nus: list[float], layers: list[str], dataset: str | None) -> list[dict]:
+    """Each point's name part, -S overrides and full params, checked before anything runs."""
     points = []
     for nu in nus:
         overrides: dict[str, object] = {f"pretrain.{layer}.corruption": nu for layer in layers}
         if dataset:
             overrides["data.dataset"] = dataset
-        candidate = yaml.safe_load(yaml.safe_dump(params_raw))
-        for key, value in overrides.items():
-            node = candidate
-            *parents, last = key.split(".")
-            for part in parents:
-                node = node[part]
-            node[last] = value
         try:
-            parse_params(candidate)
+            candidate = apply_overrides(params_raw, overrides)
         except ParamsError as err:
             raise ParamsError(f"--nu {nu:g}: {err}") from err
-        points.append({"nu": nu, "overrides": overrides, "params": flatten(candidate)})
+        points.append({"label": f"nu{nu:g}".replace(".", "p"), "nu": nu, "overrides": overrides, "params": flatten(candidate)})
     return points
 
 
@@ -90,11 +97,51 @@ def set_args(overrides: dict[str, object]) -> list[str]:
     return [arg for key, value in overrides.items() for arg in ("-S", f"{key}={value}")]
 
 
+def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]], jobs: int, threads: int) -> dict[str, object]:
+    """Run every point as a queued DVC experiment; return {experiment name: its MLflow run}.
+
+    ``shared``: (target, overrides) of stages that several points share, run once beforehand in
+    temporary experiments so that the points restore them from DVC's run-cache.
+    """
+    check_committed()
+    check_queue_empty()
+    open_store()  # the store exists before any worker writes to it
+    env = dict(os.environ, SDA_THREADS=str(threads))
+    for index, (target, overrides) in enumerate(shared):
+        dvc("exp", "run", "--temp", "--name", f"{sweep_id}-shared{index}", *set_args(overrides), target, env=env)
+    names = {}
+    for point in points:
+        name = f"{sweep_id}-{point['label']}"
+        dvc("exp", "run", "--queue", "--name", name, *set_args(point["overrides"]), env=env)
+        names[name] = point
+    started = time.perf_counter()
+    print(f"running {len(points)} points with {jobs} workers x {threads} torch threads ...", flush=True)
+    dvc("exp", "run", "--run-all", "--jobs", str(jobs), env=env)
+    failed = [line for line in dvc("queue", "status", echo=False).splitlines() if "Failed" in line]
+    if failed:
+        raise SweepError("sweep points failed (see `dvc queue logs <name>`):\n" + "\n".join(failed))
+    print(f"points done in {(time.perf_counter() - started) / 60:.1f} min")
+
+    # A re-run of an unchanged point finds the earlier run: no duplicate.
+    client, experiment_id, uri = open_store()
+    runs = finished_runs(client, experiment_id)
+    found = {}
+    for name, point in names.items():
+        found[name] = find_point_run(runs, point["params"])
+        if found[name] is None:
+            raise SweepError(f"{name}: no finished MLflow run with its params in {uri}")
+    return found
+
+
+def default_threads(jobs: int) -> int:
+    return max(1, len(os.sched_getaffinity(0)) // jobs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nu", type=float, nargs="+", default=list(DEFAULT_NU), help="corruption levels (default: %(default)s)")
     parser.add_argument("--layers", nargs="+", default=["all"], help="layers whose corruption is swept: all, or names such as layer3 (default: all)")
-    parser.add_argument("--dataset", choices=["mnist", "digits"], help="dataset for every point (default: params.yaml's)")
+    parser.add_argument("--dataset", choices=DATASETS, help="dataset for every point (default: params.yaml's)")
     parser.add_argument("--jobs", "-j", type=int, default=2, help="parallel queue workers (default: %(default)s)")
     parser.add_argument("--threads", type=int, help="torch threads per worker (default: cores / jobs, at least 1)")
     parser.add_argument("--sweep-id", help="name of the sweep (default: sweep-<date>-<time>)")
@@ -113,49 +160,20 @@ def main() -> None:
         raise ParamsError(f"--nu: values must be distinct, got {args.nu}")
     points = sweep_points(yaml.safe_load(Path(args.params).read_text()), args.nu, layers, args.dataset)
     sweep_id = args.sweep_id or time.strftime("sweep-%Y%m%d-%H%M%S")
-    threads = args.threads or max(1, len(os.sched_getaffinity(0)) // args.jobs)
-    check_committed()
-    check_queue_empty()
 
-    # 1. The store exists before any worker writes to it.
-    open_store()
-    env = dict(os.environ, SDA_THREADS=str(threads))
-
-    # 2. Shared stages once: prepare, and the layers below the lowest swept one.
+    # Shared: prepare, and the layers below the lowest swept one.
     lowest = min(layer_names.index(layer) for layer in layers)
     shared_target = "prepare" if lowest == 0 else f"pretrain@{layer_names[lowest - 1]}"
-    shared = {k: v for k, v in points[0]["overrides"].items() if k == "data.dataset"}
-    dvc("exp", "run", "--temp", "--name", f"{sweep_id}-shared", *set_args(shared), shared_target, env=env)
+    shared_overrides = {k: v for k, v in points[0]["overrides"].items() if k == "data.dataset"}
+    found = run_points(sweep_id, points, [(shared_target, shared_overrides)], args.jobs, args.threads or default_threads(args.jobs))
 
-    # 3. One queued experiment per point, run by parallel workers.
-    names = {}
-    for point in points:
-        name = f"{sweep_id}-nu{point['nu']:g}".replace(".", "p")
-        dvc("exp", "run", "--queue", "--name", name, *set_args(point["overrides"]), env=env)
-        names[name] = point
-    started = time.perf_counter()
-    print(f"running {len(points)} points with {args.jobs} workers x {threads} torch threads ...", flush=True)
-    dvc("exp", "run", "--run-all", "--jobs", str(args.jobs), env=env)
-    failed = [line for line in dvc("queue", "status", echo=False).splitlines() if "Failed" in line]
-    if failed:
-        raise SweepError("sweep points failed (see `dvc queue logs <name>`):\n" + "\n".join(failed))
-    print(f"points done in {(time.perf_counter() - started) / 60:.1f} min")
-
-    # 4. Each point's MLflow run (a re-run of an unchanged point finds the earlier run: no duplicate).
-    client, experiment_id, uri = open_store()
-    runs = finished_runs(client, experiment_id)
-    rows, point_runs = [], {}
-    for name, point in names.items():
-        found = find_point_run(runs, point["params"])
-        if found is None:
-            raise SweepError(f"{name}: no finished MLflow run with its params in {uri}")
-        point_runs[name] = found.info.run_id
-        metrics = found.data.metrics
-        rows.append({"nu": point["nu"], "experiment": name, "run_id": found.info.run_id,
+    rows = []
+    for (name, run_), point in zip(found.items(), points):
+        metrics = run_.data.metrics
+        rows.append({"nu": point["nu"], "experiment": name, "run_id": run_.info.run_id,
                      **{k: metrics[k] for k in ("valid_error", "test_error", "test_error_ci95")},
                      **{f"{l}_train_loss": metrics[f"pretrain.{l}.train_loss"] for l in layer_names}})
 
-    # 5. The report, on disk and in MLflow.
     report_dir = Path("reports/sweeps") / sweep_id
     report_dir.mkdir(parents=True, exist_ok=True)
     write_table(rows, layer_names, report_dir)
@@ -167,10 +185,11 @@ def main() -> None:
             images = {row["nu"]: download_artifact(row["run_id"], "models/pretrain/layer1/filters.png", Path(tmp) / f"{row['nu']:g}")
                       for row in rows if row["nu"] in FILTER_LEVELS}
             has_figure = filter_figure(images, report_dir)
+    point_runs = {name: run_.info.run_id for name, run_ in found.items()}
     parent = log_sweep(sweep_id, point_runs, report_dir, {"dataset": dataset, "swept_layers": ",".join(layers)})
     print((report_dir / "table.md").read_text())
     print(f"report: {report_dir}/ (table.md, test_error_vs_nu.png{', filters_by_nu.png' if has_figure else ''}); "
-          f"MLflow: parent run {parent} with {len(point_runs)} child runs in {uri}")
+          f"MLflow: parent run {parent} with {len(point_runs)} child runs")
 
 
 if __name__ == "__main__":

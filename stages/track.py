@@ -113,7 +113,7 @@ def collect(params_path: str) -> tuple[dict, dict, list[Metric], list[Path]]:
         for row in read_curve(curve):
             add(f"pretrain.{layer.name}.epoch.loss", row["loss"], int(row["epoch"]))
         artifacts += [curve, Path(f"metrics/pretrain/{layer.name}.json")]
-    artifacts.append(Path("models/pretrain/layer1/filters.png"))
+    artifacts += [Path("models/pretrain/layer1/filters.png"), Path("plots/gallery/train.png")]
 
     hashes = stage_hashes(Path("dvc.lock"))
     tags = {
