@@ -16,7 +16,7 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
-def slow_layer2(repo, epochs=400):
+def slow_layer2(repo, epochs):
     params = repo.params()
     params["pretrain"]["layer2"]["epochs"] = epochs
     repo.write_params(params)
@@ -34,12 +34,16 @@ def wait_for_process(pattern: str, timeout: float = 60) -> int:
 
 def test_sigkill_mid_epoch_leaves_nothing_half_written_and_repro_recovers(pipeline_repo):
     repo = pipeline_repo
-    slow_layer2(repo)
+    slow_layer2(repo, epochs=2000)
     dvc = subprocess.Popen(["dvc", "repro"], cwd=repo.path, env=repo.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    stage = wait_for_process(f"stages.pretrain layer2")
-    time.sleep(2.0)  # well inside the epoch loop
-    os.kill(stage, signal.SIGKILL)
-    out, _ = dvc.communicate(timeout=60)
+    seen = []
+    for line in dvc.stdout:  # the stage prints this line just before its epoch loop
+        seen.append(line)
+        if line.startswith("layer2: 24 -> 24 units"):
+            break
+    time.sleep(1.0)  # inside the epoch loop
+    os.kill(wait_for_process("^python -m stages.pretrain layer2"), signal.SIGKILL)
+    out = "".join(seen) + dvc.communicate(timeout=60)[0]
     assert dvc.returncode != 0, out
     assert not (repo.path / "models/pretrain/layer2/weights.pt").exists()
     assert not (repo.path / "metrics/pretrain/layer2.json").exists()
