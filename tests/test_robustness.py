@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from conftest import ROOT
@@ -22,14 +23,18 @@ def slow_layer2(repo, epochs):
     repo.write_params(params)
 
 
-def wait_for_process(pattern: str, timeout: float = 60) -> int:
+def wait_for_descendant(parent: int, argv: list[str], timeout: float = 60) -> int:
+    """The pid of the process below ``parent`` whose command line is ``argv`` (never another's)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        done = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
-        if done.stdout.strip():
-            return int(done.stdout.split()[0])
+        for child in psutil.Process(parent).children(recursive=True):
+            try:
+                if child.cmdline()[-len(argv):] == argv and "python" in child.cmdline()[0]:
+                    return child.pid
+            except psutil.NoSuchProcess:
+                continue
         time.sleep(0.1)
-    raise AssertionError(f"no process matching {pattern!r} within {timeout}s")
+    raise AssertionError(f"no process {argv} below pid {parent} within {timeout}s")
 
 
 def test_sigkill_mid_epoch_leaves_nothing_half_written_and_repro_recovers(pipeline_repo):
@@ -42,7 +47,7 @@ def test_sigkill_mid_epoch_leaves_nothing_half_written_and_repro_recovers(pipeli
         if line.startswith("layer2: 24 -> 24 units"):
             break
     time.sleep(1.0)  # inside the epoch loop
-    os.kill(wait_for_process("^python -m stages.pretrain layer2"), signal.SIGKILL)
+    os.kill(wait_for_descendant(dvc.pid, ["-m", "stages.pretrain", "layer2"]), signal.SIGKILL)
     out = "".join(seen) + dvc.communicate(timeout=60)[0]
     assert dvc.returncode != 0, out
     assert not (repo.path / "models/pretrain/layer2/weights.pt").exists()
