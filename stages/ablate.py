@@ -117,7 +117,9 @@ def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]]
     started = time.perf_counter()
     print(f"running {len(points)} points with {jobs} workers x {threads} torch threads ...", flush=True)
     dvc("exp", "run", "--run-all", "--jobs", str(jobs), env=env)
-    failed = [line for line in dvc("queue", "status", echo=False).splitlines() if "Failed" in line]
+    # Only this sweep's entries: the queue remembers earlier sweeps' failures too.
+    failed = [line for line in dvc("queue", "status", echo=False).splitlines()
+              if "Failed" in line.split() and set(line.split()) & set(names)]
     if failed:
         raise SweepError("sweep points failed (see `dvc queue logs <name>`):\n" + "\n".join(failed))
     print(f"points done in {(time.perf_counter() - started) / 60:.1f} min")

@@ -32,6 +32,11 @@ def test_repro_runs_all_then_nothing_then_only_what_a_param_change_touches(pipel
     assert metrics["test_error_ci95"] == pytest.approx(1.96 * (metrics["test_error"] * (1 - metrics["test_error"]) / 400) ** 0.5)
     shown = repo.run("dvc", "metrics", "show", "--json").stdout
     assert "test_error" in shown and "layer3_train_loss" in shown
+    plots = repo.run("dvc", "plots", "show")
+    assert "failed to load" not in plots.stdout + plots.stderr
+    html = (repo.path / "dvc_plots/index.html").read_text()
+    assert "reconstruction cross-entropy of layer3" in html and "fine-tuning error" in html
+    assert "filters.png" in html and "gallery_train.png" in html
 
     client, runs = finished_runs(repo)
     assert len(runs) == 2
