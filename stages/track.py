@@ -226,7 +226,7 @@ def finished_runs(client: mlflow.MlflowClient, experiment_id: str) -> list:
     while True:
         page = client.search_runs([experiment_id], "attributes.status = 'FINISHED'", max_results=1000,
                                   order_by=["attributes.start_time DESC"], page_token=token)
-        runs += [r for r in page if r.data.tags.get("kind") != "sweep-report"]
+        runs += [found for found in page if found.data.tags.get("kind") != "sweep-report"]
         token = page.token
         if not token:
             return runs
@@ -245,9 +245,9 @@ def find_point_run(runs: list, expected: dict[str, object]):
                 return False
         return logged == str(wanted)
 
-    for run in runs:
-        if all(same(run.data.params.get(k), v) for k, v in expected.items()):
-            return run
+    for candidate in runs:
+        if all(same(candidate.data.params.get(k), v) for k, v in expected.items()):
+            return candidate
     return None
 
 

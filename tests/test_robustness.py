@@ -12,7 +12,6 @@ import time
 import psutil
 import pytest
 
-from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
