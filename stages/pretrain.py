@@ -51,7 +51,7 @@ def main() -> None:
     init = torch.Generator().manual_seed(generator.initial_seed())
     dae = DenoisingAutoencoder(x_train.shape[1], layer.units, generator=init).to(device)
     print(f"{layer.name}: {x_train.shape[1]} -> {layer.units} units, {noise}, {layer.epochs} epochs on {device}"
-          + (f" with {torch.get_num_threads()} threads" if device.type == "cpu" else ""))
+          + (f" with {torch.get_num_threads()} threads" if device.type == "cpu" else ""), flush=True)
 
     started = time.perf_counter()
     losses = pretrain_layer(
