@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import signal
 import sys
 import zlib
 from collections.abc import Callable
@@ -49,13 +50,20 @@ def load_splits(directory: str | Path, device: torch.device) -> dict[str, tuple[
     return splits
 
 
+def _exit_on_interrupt(signum, frame) -> None:
+    # Exit at once instead of raising KeyboardInterrupt wherever the main thread happens to be: an
+    # exception raised inside tqdm's write lock can deadlock the exit. Nothing is lost by not
+    # unwinding: every output is written to a temporary file and renamed, so none is half-written.
+    print(f"\ninterrupted: {' '.join(sys.argv)} stopped; its outputs are incomplete and "
+          "`dvc repro` will run it again", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
 def run(main: Callable[[], None]) -> None:
     """Run a stage; known failures become one clear line on stderr and a non-zero exit."""
+    signal.signal(signal.SIGINT, _exit_on_interrupt)
     try:
         main()
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopped before writing any output of this stage", file=sys.stderr)
-        sys.exit(130)
     except (ParamsError, DataSourceError, DivergenceError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2 if isinstance(err, ParamsError) else 1)
