@@ -14,6 +14,7 @@ Usage: python bench/bench_speed.py [--examples N] [--device auto]
 import argparse
 import platform
 import resource
+import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -33,7 +34,9 @@ from sda.stacked import StackedClassifier, negative_log_likelihood  # noqa: E402
 from stages.params import load_params  # noqa: E402
 
 
-def gemm_flops(device: torch.device, n: int = 1024, repeats: int = 40) -> float:
+def gemm_flops(device: torch.device, repeats: int = 40) -> float:
+    """float32 matmul FLOP/s now (a GPU needs a larger product than the CPU to reach its peak)."""
+    n = 8192 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     for _ in range(5):
         a @ b
@@ -50,12 +53,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device) -> float:
-    sync(device)
-    started = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - started
+def timed(fn, device, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls: this VM's speed wanders by up to 30% between runs."""
+    seconds = []
+    for _ in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        fn()
+        sync(device)
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
 
 
 class PerItemDataset(torch.utils.data.Dataset):
@@ -99,6 +106,7 @@ def naive_finetune_epoch(model, x, y, lr, batch_size):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=50_000, help="training examples per epoch (default: all 50,000)")
+    parser.add_argument("--repeats", type=int, default=3, help="epochs timed per row; the median is printed (default: 3)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
@@ -110,11 +118,14 @@ def main() -> None:
     y = torch.from_numpy(splits["train"][1][: args.examples]).to(device)
     n = x.shape[0]
 
-    peak = gemm_flops(device)
     print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.processor() or platform.machine()}, "
           f"{threads} torch threads, device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'})")
-    print(f"float32 GEMM: {peak / 1e9:.0f} GFLOP/s")
-    print(f"{'epoch':<28}{'batch':>6}{'ours ex/s':>11}{'GEMM-bound':>12}{'ours/bound':>11}{'naive ex/s':>12}{'ours/naive':>11}")
+    # The float32 GEMM rate is measured again just before each row: this VM's speed drifts.
+    print(f"{'epoch':<24}{'batch':>6}{'GEMM GFLOP/s':>14}{'ours ex/s':>11}{'GEMM-bound':>12}{'ours/bound':>11}{'naive ex/s':>12}{'ours/naive':>11}")
+
+    def row(name: str, batch: int, peak: float, flops: int, ours: float, naive: float) -> None:
+        bound = peak / flops
+        print(f"{name:<24}{batch:>6}{peak / 1e9:>14.0f}{ours:>11.0f}{bound:>12.0f}{ours / bound:>11.2f}{naive:>12.0f}{ours / naive:>11.2f}", flush=True)
 
     generator = torch.Generator(device=device).manual_seed(0)
     codes, lower = x, []
@@ -127,12 +138,12 @@ def main() -> None:
                        MaskingNoise(layer.corruption, layer.masking), 1, layer.lr, layer.batch_size, generator)
         naive_pretrain_epoch(lower, DenoisingAutoencoder(codes.shape[1], layer.units).to(device), x[:2000], y[:2000],
                              layer.corruption, layer.lr, layer.batch_size)
+        peak = gemm_flops(device)
         ours = n / timed(lambda: pretrain_layer(dae, codes, MaskingNoise(layer.corruption, layer.masking), 1, layer.lr,
-                                                layer.batch_size, generator, name=layer.name), device)
+                                                layer.batch_size, generator, name=layer.name), device, args.repeats)
         naive_dae = DenoisingAutoencoder(codes.shape[1], layer.units).to(device)
-        naive = n / timed(lambda: naive_pretrain_epoch(lower, naive_dae, x, y, layer.corruption, layer.lr, layer.batch_size), device)
-        bound = peak / flops
-        print(f"{'pretrain ' + layer.name:<28}{layer.batch_size:>6}{ours:>11.0f}{bound:>12.0f}{ours / bound:>11.2f}{naive:>12.0f}{ours / naive:>11.2f}")
+        naive = n / timed(lambda: naive_pretrain_epoch(lower, naive_dae, x, y, layer.corruption, layer.lr, layer.batch_size), device, args.repeats)
+        row(f"pretrain {layer.name}", layer.batch_size, peak, flops, ours, naive)
         codes, lower = encode(dae, codes), lower + [dae]
 
     ft = params.finetune
@@ -141,10 +152,10 @@ def main() -> None:
     macs = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
     flops = 2 * macs * 3 - 2 * sizes[0] * sizes[1]  # forward + two backward GEMMs, none for the input's grad
     valid = (x[:1000], y[:1000])
-    ours = n / timed(lambda: finetune(model, (x, y), valid, ft.lr, ft.batch_size, 1, EarlyStopping(), generator), device)
-    naive = n / timed(lambda: naive_finetune_epoch(model, x, y, ft.lr, ft.batch_size), device)
-    bound = peak / flops
-    print(f"{'finetune (one epoch)':<28}{ft.batch_size:>6}{ours:>11.0f}{bound:>12.0f}{ours / bound:>11.2f}{naive:>12.0f}{ours / naive:>11.2f}")
+    peak = gemm_flops(device)
+    ours = n / timed(lambda: finetune(model, (x, y), valid, ft.lr, ft.batch_size, 1, EarlyStopping(), generator), device, args.repeats)
+    naive = n / timed(lambda: naive_finetune_epoch(model, x, y, ft.lr, ft.batch_size), device, args.repeats)
+    row("finetune (one epoch)", ft.batch_size, peak, flops, ours, naive)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory: {rss:.0f} MiB" + (f"; peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device.type == "cuda" else ""))
 

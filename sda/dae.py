@@ -13,8 +13,18 @@ def reconstruction_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> 
     Summed over components, averaged over the minibatch. Computed from the logits so that
     saturated units give finite losses and gradients.
     """
-    per_component = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    return per_component.sum(dim=1).mean()
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / logits.shape[0]
+
+
+@torch.no_grad()
+def cross_entropy_value(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The summed cross-entropy of ``reconstruction_cross_entropy``, value only, from cheap ops.
+
+    BCE(a, x) = max(a, 0) + log(1 + exp(-|a|)) - x a, stable for any a. The CPU kernels behind
+    binary_cross_entropy_with_logits (log-sigmoid, log1p) are not vectorised here and cost 3x the
+    rest of this expression; log(1 + u) instead of log1p(u) errs by < 1e-7 per component.
+    """
+    return logits.clamp(min=0).sum() + logits.abs().neg_().exp_().add_(1.0).log_().sum() - (target * logits).sum()
 
 
 class DenoisingAutoencoder(nn.Module):
@@ -49,3 +59,33 @@ class DenoisingAutoencoder(nn.Module):
     def loss(self, corrupted: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the reconstruction of ``corrupted`` against ``clean``."""
         return reconstruction_cross_entropy(self.decode_logits(self.encode(corrupted)), clean)
+
+    @torch.no_grad()
+    def sgd_step(self, corrupted: torch.Tensor, clean: torch.Tensor, lr: float) -> torch.Tensor:
+        """One plain SGD step on ``loss(corrupted, clean)``; returns that loss, taken before the step.
+
+        The same update as autograd plus ``torch.optim.SGD`` (tests/test_dae.py checks it), with the
+        gradient written out: at batch size 32 autograd's bookkeeping and the optimizer's separate
+        passes over W cost about a third of the step. With a the decoder's logits, z = s(a), y the
+        code and B the batch size:
+            dL/da = (z - x) / B                          (cross-entropy through the sigmoid)
+            dL/dy = dL/da W^T,  dL/dpre = dL/dy * y(1-y)  (back through the decoder, then s)
+            dL/dW = y^T dL/da + (dL/dpre)^T x~            (decoder use + encoder use of the tie)
+        Both terms of dL/dW are accumulated straight into W, so no gradient tensor of W's size is
+        ever written: five matrix products, the fewest the step needs. Activations are held
+        feature-major (units x batch): with a batch of 32 the products run ~15% faster that way
+        on the CPU (bench/README.md).
+        """
+        batch = clean.shape[0]
+        weight, hidden_bias, visible_bias = self.weight, self.hidden_bias, self.visible_bias
+        corrupted_t, clean_t = corrupted.t(), clean.t()
+        code_t = torch.addmm(hidden_bias.unsqueeze(1), weight, corrupted_t).sigmoid_()
+        logits_t = torch.addmm(visible_bias.unsqueeze(1), weight.t(), code_t)
+        loss = cross_entropy_value(logits_t, clean_t) / batch
+        grad_logits_t = logits_t.sigmoid_().sub_(clean_t).div_(batch)
+        grad_pre_t = torch.mm(weight, grad_logits_t).mul_(code_t * (1.0 - code_t))
+        visible_bias.sub_(grad_logits_t.sum(dim=1), alpha=lr)
+        hidden_bias.sub_(grad_pre_t.sum(dim=1), alpha=lr)
+        weight.addmm_(code_t, grad_logits_t.t(), alpha=-lr)
+        weight.addmm_(grad_pre_t, corrupted, alpha=-lr)
+        return loss

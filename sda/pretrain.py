@@ -40,17 +40,13 @@ def pretrain_layer(
     corrupted input the step saw). Raises DivergenceError naming ``name`` and the epoch as soon as
     an epoch's loss is not finite, before anything is returned for saving.
     """
-    optimizer = torch.optim.SGD(dae.parameters(), lr=lr)
     losses: list[float] = []
     for epoch in tqdm(range(1, epochs + 1), desc=f"pretrain {name}", unit="epoch"):
-        total = torch.zeros((), device=codes.device)
+        total = torch.zeros((), device=codes.device, dtype=codes.dtype)
         for clean in shuffled_batches(codes, batch_size, generator):
-            loss = dae.loss(noise(clean, generator), clean)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = dae.sgd_step(noise(clean, generator), clean, lr)
             # Accumulate on the device: a .item() per step would stall a GPU every batch.
-            total += loss.detach() * clean.shape[0]
+            total.add_(loss, alpha=clean.shape[0])
         epoch_loss = total.item() / codes.shape[0]
         if not math.isfinite(epoch_loss):
             raise DivergenceError(

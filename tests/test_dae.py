@@ -3,7 +3,7 @@ import math
 import numpy as np
 import torch
 
-from sda.dae import DenoisingAutoencoder, reconstruction_cross_entropy
+from sda.dae import DenoisingAutoencoder, cross_entropy_value, reconstruction_cross_entropy
 from sda.data import load_digits
 from sda.noise import MaskingNoise
 from sda.pretrain import pretrain_layer, reconstruction_loss
@@ -29,6 +29,37 @@ def test_gradient_of_the_tie_sums_encoder_and_decoder_contributions():
     z_logits = h @ w + dae.visible_bias.detach()
     reconstruction_cross_entropy(z_logits, x).backward()
     assert torch.allclose(dae.weight.grad, w.grad)
+
+
+def test_fast_loss_value_matches_the_reference_even_saturated():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.cat([torch.randn(6, 50, generator=g) * 8, torch.tensor([[1e4, -1e4, 0.0] * 16 + [30.0, -30.0]])])
+    target = torch.rand(7, 50, generator=g)
+    expected = reconstruction_cross_entropy(logits.double(), target.double()) * 7
+    got = cross_entropy_value(logits, target)
+    assert torch.isfinite(got)
+    assert math.isclose(got.item(), expected.item(), rel_tol=1e-5)
+
+
+def test_sgd_step_is_the_autograd_sgd_step():
+    # Same start, same corrupted batch: the hand-written step and autograd + torch.optim.SGD must
+    # land on the same parameters and report the same loss.
+    g = torch.Generator().manual_seed(3)
+    clean = torch.rand(7, 9, generator=g, dtype=torch.float64)
+    corrupted = MaskingNoise(0.3)(clean, g)
+    reference = DenoisingAutoencoder(9, 5, torch.Generator().manual_seed(0)).double()
+    ours = DenoisingAutoencoder(9, 5, torch.Generator().manual_seed(0)).double()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.7)
+    for _ in range(3):
+        expected = reference.loss(corrupted, clean)
+        optimizer.zero_grad()
+        expected.backward()
+        optimizer.step()
+        got = ours.sgd_step(corrupted, clean, lr=0.7)
+        assert torch.allclose(got, expected.detach(), rtol=1e-12, atol=0)
+    for (name, a), b in zip(reference.named_parameters(), ours.parameters()):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), name
+        assert not torch.equal(a, DenoisingAutoencoder(9, 5, torch.Generator().manual_seed(0)).double().get_parameter(name))
 
 
 def test_tie_survives_device_and_dtype_moves_and_state_dict_round_trip():
