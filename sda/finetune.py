@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sda.pretrain import DivergenceError
-from sda.stacked import StackedClassifier, negative_log_likelihood
+from sda.stacked import StackedClassifier
 
 
 @dataclass
@@ -74,26 +74,23 @@ def finetune(
     The learning rate is multiplied by ``lr_decay`` after every epoch. The test set is never seen.
     """
     x_train, y_train = train
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    velocity = model.momentum_buffers() if momentum else None
     best_state = copy.deepcopy(model.state_dict())
     result = FinetuneResult(best_epoch=0, best_valid_error=math.inf)
     progress = tqdm(range(1, max_epochs + 1), desc="finetune", unit="epoch")
     for epoch in progress:
-        epoch_lr = optimizer.param_groups[0]["lr"]
+        epoch_lr = lr * lr_decay ** (epoch - 1)
         model.train()
         order = torch.randperm(x_train.shape[0], generator=generator, device=x_train.device)
         xs, ys = x_train[order], y_train[order]
-        total_loss = torch.zeros((), device=xs.device)
+        total_loss = torch.zeros((), device=xs.device, dtype=xs.dtype)
         mistakes = torch.zeros((), device=xs.device, dtype=torch.long)
         for start in range(0, xs.shape[0], batch_size):
             x, y = xs[start : start + batch_size], ys[start : start + batch_size]
-            logits = model(x)
-            loss = negative_log_likelihood(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.detach() * x.shape[0]
-            mistakes += (logits.detach().argmax(dim=1) != y).sum()
+            loss, batch_mistakes = model.sgd_step(x, y, epoch_lr, momentum, velocity)
+            # Accumulated on the device: a .item() per step would stall a GPU every batch.
+            total_loss.add_(loss, alpha=x.shape[0])
+            mistakes.add_(batch_mistakes)
         train_loss = total_loss.item() / xs.shape[0]
         if not math.isfinite(train_loss):
             raise DivergenceError(f"finetune: training loss became {train_loss} at epoch {epoch} (lr={epoch_lr})")
@@ -111,8 +108,6 @@ def finetune(
         progress.set_postfix(valid=f"{record.valid_error:.4f}", best=f"{stopping.best_error:.4f}@{stopping.best_epoch}")
         if on_epoch is not None:
             on_epoch(record)
-        for group in optimizer.param_groups:
-            group["lr"] *= lr_decay
         if stopping.should_stop(epoch):
             break
     model.load_state_dict(best_state)

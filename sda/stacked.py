@@ -40,6 +40,54 @@ class StackedClassifier(nn.Module):
             x = torch.sigmoid(linear(x))
         return self.output(x)
 
+    def momentum_buffers(self) -> list[torch.Tensor]:
+        """Zeroed velocities for ``sgd_step``, one per parameter, in ``parameters()`` order."""
+        return [torch.zeros_like(p) for p in self.parameters()]
+
+    @torch.no_grad()
+    def sgd_step(
+        self, x: torch.Tensor, y: torch.Tensor, lr: float, momentum: float = 0.0, velocity: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of torch.optim.SGD's rule on the batch-mean NLL, gradient written out.
+
+        Returns the batch's loss and its number of misclassified examples, both before the step.
+        With momentum, ``velocity`` (from ``momentum_buffers``) carries v <- m v + g, p <- p - lr v;
+        zero-initialised buffers give exactly the optimizer's first step v = g. Without momentum the
+        gradient is accumulated straight into each weight. As in ``DenoisingAutoencoder.sgd_step``,
+        activations are held feature-major (units x batch) and autograd is bypassed: at batch 20 its
+        bookkeeping costs more than the matrix products. tests/test_stacked.py checks it against
+        autograd and the optimizer.
+        """
+        batch = x.shape[0]
+        codes_t = [x.t()]  # h_0^T, h_1^T, ..., h_L^T
+        for linear in self.encoders:
+            codes_t.append(torch.addmm(linear.bias.unsqueeze(1), linear.weight, codes_t[-1]).sigmoid_())
+        logits_t = torch.addmm(self.output.bias.unsqueeze(1), self.output.weight, codes_t[-1])
+        log_probs_t = torch.log_softmax(logits_t, dim=0)
+        picked = log_probs_t.gather(0, y.unsqueeze(0))
+        loss = -picked.sum() / batch
+        mistakes = (logits_t.argmax(dim=0) != y).sum()
+        grad_t = log_probs_t.exp_().scatter_add_(0, y.unsqueeze(0), torch.full_like(picked, -1.0)).div_(batch)
+
+        layers = [*self.encoders, self.output]
+        buffers = iter(reversed(velocity)) if momentum else None
+        for depth in range(len(layers) - 1, -1, -1):
+            linear, below_t = layers[depth], codes_t[depth]
+            # The gradient for the layer below needs this layer's weight before it is updated.
+            grad_below_t = torch.mm(linear.weight.t(), grad_t).mul_(below_t * (1.0 - below_t)) if depth else None
+            bias_grad = grad_t.sum(dim=1)
+            if momentum:
+                bias_velocity, weight_velocity = next(buffers), next(buffers)
+                weight_velocity.mul_(momentum).addmm_(grad_t, below_t.t())
+                bias_velocity.mul_(momentum).add_(bias_grad)
+                linear.weight.sub_(weight_velocity, alpha=lr)
+                linear.bias.sub_(bias_velocity, alpha=lr)
+            else:
+                linear.weight.addmm_(grad_t, below_t.t(), alpha=-lr)
+                linear.bias.sub_(bias_grad, alpha=lr)
+            grad_t = grad_below_t
+        return loss, mistakes
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 10_000) -> torch.Tensor:
         return torch.cat([self(x[i : i + batch_size]).argmax(dim=1) for i in range(0, x.shape[0], batch_size)])
