@@ -22,7 +22,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 "$py" -c "import torch; print('torch', torch.__version__, 'on', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')" | tee -a "$out/gpu.txt"
 
 echo "== tests on CUDA"
-"$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_dae.py tests/test_noise.py 2>&1 | tail -n 5 | tee "$out/tests.txt"
+("$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_dae.py tests/test_noise.py tests/test_stacked.py 2>&1 || true) | tail -n 30 | tee "$out/tests.txt"
 
 echo "== bench_speed on CUDA"
 "$py" bench/bench_speed.py --device "$SDA_DEVICE" ${BENCH_SPEED_ARGS:-} 2>&1 | tee "$out/bench_speed.txt"

@@ -68,13 +68,13 @@ def test_tie_survives_device_and_dtype_moves_and_state_dict_round_trip():
     assert len(list(moved.parameters())) == 3
     with torch.no_grad():
         moved.weight.zero_()
-    assert torch.count_nonzero(moved.decode_logits(torch.ones(1, 4, dtype=torch.float64))) == 0
+    assert torch.count_nonzero(moved.decode_logits(torch.ones(1, 4, dtype=torch.float64, device=moved.weight.device))) == 0
 
     clone = DenoisingAutoencoder(6, 4)
     clone.load_state_dict(dae.state_dict())
     assert set(clone.state_dict()) == {"weight", "hidden_bias", "visible_bias"}
     y = torch.rand(2, 4)
-    assert torch.equal(clone.decode_logits(y), torch.nn.functional.linear(y, dae.weight.detach().t().float(), None))
+    assert torch.equal(clone.decode_logits(y), torch.nn.functional.linear(y, dae.weight.detach().cpu().t().float(), None))
 
 
 def test_init_range_is_four_times_glorot():
