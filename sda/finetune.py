@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from sda.graphs import replay_as_cuda_graph
 from sda.pretrain import DivergenceError
 from sda.stacked import StackedClassifier
 
@@ -68,13 +69,20 @@ def finetune(
     momentum: float = 0.0,
     lr_decay: float = 1.0,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    cuda_graph: bool = True,
 ) -> FinetuneResult:
     """Minibatch SGD on the negative log-likelihood; leaves ``model`` at its best-validation state.
 
     The learning rate is multiplied by ``lr_decay`` after every epoch. The test set is never seen.
+    On CUDA, full batches replay the step as a CUDA graph, recorded again for each epoch's rate,
+    unless ``cuda_graph`` is False (sda/graphs.py).
     """
     x_train, y_train = train
     velocity = model.momentum_buffers() if momentum else None
+    # Accumulated on the device: a .item() per step would stall a GPU every batch.
+    total_loss = torch.zeros((), device=x_train.device, dtype=x_train.dtype)
+    mistakes = torch.zeros((), device=x_train.device, dtype=torch.long)
+    use_graph = cuda_graph and x_train.device.type == "cuda" and x_train.shape[0] >= batch_size
     best_state = copy.deepcopy(model.state_dict())
     result = FinetuneResult(best_epoch=0, best_valid_error=math.inf)
     progress = tqdm(range(1, max_epochs + 1), desc="finetune", unit="epoch")
@@ -83,14 +91,26 @@ def finetune(
         model.train()
         order = torch.randperm(x_train.shape[0], generator=generator, device=x_train.device)
         xs, ys = x_train[order], y_train[order]
-        total_loss = torch.zeros((), device=xs.device, dtype=xs.dtype)
-        mistakes = torch.zeros((), device=xs.device, dtype=torch.long)
-        for start in range(0, xs.shape[0], batch_size):
-            x, y = xs[start : start + batch_size], ys[start : start + batch_size]
+        total_loss.zero_()
+        mistakes.zero_()
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> None:
             loss, batch_mistakes = model.sgd_step(x, y, epoch_lr, momentum, velocity)
-            # Accumulated on the device: a .item() per step would stall a GPU every batch.
             total_loss.add_(loss, alpha=x.shape[0])
             mistakes.add_(batch_mistakes)
+
+        full_batch_step = step
+        if use_graph:
+            spare, spare_velocity = copy.deepcopy(model), copy.deepcopy(velocity)
+            example = (xs[:batch_size], ys[:batch_size])
+            full_batch_step = replay_as_cuda_graph(
+                step,
+                (example[0].clone(), example[1].clone()),
+                warm_up=lambda: spare.sgd_step(*example, epoch_lr, momentum, spare_velocity),
+            )
+        for start in range(0, xs.shape[0], batch_size):
+            x, y = xs[start : start + batch_size], ys[start : start + batch_size]
+            (full_batch_step if x.shape[0] == batch_size else step)(x, y)
         train_loss = total_loss.item() / xs.shape[0]
         if not math.isfinite(train_loss):
             raise DivergenceError(f"finetune: training loss became {train_loss} at epoch {epoch} (lr={epoch_lr})")

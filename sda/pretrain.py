@@ -1,13 +1,14 @@
 """Greedy layer-wise pretraining of one denoising autoencoder on a tensor of clean codes."""
 
-from collections.abc import Callable
-
+import copy
 import math
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from sda.dae import DenoisingAutoencoder
+from sda.graphs import replay_as_cuda_graph
 from sda.noise import MaskingNoise
 
 
@@ -33,20 +34,35 @@ def pretrain_layer(
     generator: torch.Generator,
     on_epoch: Callable[[int, float], None] | None = None,
     name: str = "layer",
+    cuda_graph: bool = True,
 ) -> list[float]:
     """Train ``dae`` by plain minibatch SGD to reconstruct clean ``codes`` from corrupted ones.
 
     Returns the mean training reconstruction loss of each epoch (against the clean input, on the
     corrupted input the step saw). Raises DivergenceError naming ``name`` and the epoch as soon as
-    an epoch's loss is not finite, before anything is returned for saving.
+    an epoch's loss is not finite, before anything is returned for saving. On CUDA, full batches
+    replay the step as a CUDA graph unless ``cuda_graph`` is False (sda/graphs.py).
     """
+    # Accumulated on the device: a .item() per step would stall a GPU every batch.
+    total = torch.zeros((), device=codes.device, dtype=codes.dtype)
+
+    def step(clean: torch.Tensor) -> None:
+        total.add_(dae.sgd_step(noise(clean, generator), clean, lr), alpha=clean.shape[0])
+
+    full_batch_step = step
+    if cuda_graph and codes.device.type == "cuda" and epochs > 0 and codes.shape[0] >= batch_size:
+        spare, spare_generator, example = copy.deepcopy(dae), torch.Generator(codes.device), codes[:batch_size]
+        full_batch_step = replay_as_cuda_graph(
+            step,
+            (example.clone(),),
+            warm_up=lambda: spare.sgd_step(noise(example, spare_generator), example, lr),
+            generator=generator,
+        )
     losses: list[float] = []
     for epoch in tqdm(range(1, epochs + 1), desc=f"pretrain {name}", unit="epoch"):
-        total = torch.zeros((), device=codes.device, dtype=codes.dtype)
+        total.zero_()
         for clean in shuffled_batches(codes, batch_size, generator):
-            loss = dae.sgd_step(noise(clean, generator), clean, lr)
-            # Accumulate on the device: a .item() per step would stall a GPU every batch.
-            total.add_(loss, alpha=clean.shape[0])
+            (full_batch_step if clean.shape[0] == batch_size else step)(clean)
         epoch_loss = total.item() / codes.shape[0]
         if not math.isfinite(epoch_loss):
             raise DivergenceError(

@@ -62,3 +62,23 @@ def test_pretraining_and_finetuning_on_cuda_are_deterministic_and_learn():
     assert torch.equal(first_codes, second_codes)
     assert first_losses[-1] < first_losses[0]
     assert first.best_valid_error < 0.2
+
+
+def test_graph_replay_computes_what_the_eager_steps_compute():
+    splits = digits_on(CUDA)
+
+    def train(cuda_graph, nu):
+        g = make_generator(3, CUDA)
+        dae = DenoisingAutoencoder(64, 48, torch.Generator().manual_seed(3)).to(CUDA)
+        losses = pretrain_layer(dae, splits["train"][0], MaskingNoise(nu), 3, 0.1, 32, g, cuda_graph=cuda_graph)
+        model = StackedClassifier.from_autoencoders([dae], 10).to(CUDA)
+        result = finetune(model, splits["train"], splits["valid"], 0.5, 20, 4, EarlyStopping(patience=4), g,
+                          momentum=0.5, lr_decay=0.9, cuda_graph=cuda_graph)
+        return losses, [r.train_loss for r in result.history], list(model.parameters())
+
+    for nu in (0.0, 0.25):  # without noise, then with draws from the registered generator
+        eager, graphed = train(False, nu), train(True, nu)
+        assert eager[0] == pytest.approx(graphed[0], rel=1e-5), nu
+        assert eager[1] == pytest.approx(graphed[1], rel=1e-5), nu
+        for a, b in zip(eager[2], graphed[2]):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), nu
