@@ -40,10 +40,17 @@ class SweepError(RuntimeError):
 def dvc(*args: str, env: dict | None = None, echo: bool = True) -> str:
     if echo:
         print("$ dvc " + " ".join(args), flush=True)
-    done = subprocess.run(["dvc", *args], capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise SweepError(f"`dvc {' '.join(args)}` failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-    return done.stdout
+    # Output goes to files, not pipes: `dvc exp run --run-all` leaves detached queue workers that
+    # inherit its output, and a pipe stays open until the last of them exits. Here one worker once
+    # stayed alive, asleep, 10 min after the queue was done, and the sweep waited on its pipe.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        returncode = subprocess.run(["dvc", *args], stdout=out, stderr=err, text=True, env=env).returncode
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if returncode != 0:
+        raise SweepError(f"`dvc {' '.join(args)}` failed:\n{stdout[-3000:]}{stderr[-3000:]}")
+    return stdout
 
 
 def check_committed() -> None:
