@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one run:
-#   1. the CUDA tests (tests/test_cuda.py) and the dA/noise tests;
+#   1. the CUDA tests (tests/test_cuda.py) and the dA, noise and stacked-network tests;
 #   2. bench/bench_speed.py on the GPU;
 #   3. the default pipeline's stages on the GPU, twice in fresh copies of the repo, with the wall
 #      time of each stage, and whether the two runs' metrics are identical (determinism).
