@@ -17,7 +17,6 @@ Queued experiments see only what git tracks: commit your changes first (this com
 import argparse
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,16 +24,12 @@ from pathlib import Path
 import yaml
 
 from sda.data import DATASETS
-from stages.common import run
+from stages.common import SweepError, run
 from stages.params import ParamsError, load_params, parse_params
 from stages.sweep_report import FILTER_LEVELS, filter_figure, plot_error_against_nu, write_table
 from stages.track import download_artifact, finished_runs, flatten, find_point_run, log_sweep, open_store
 
 DEFAULT_NU = (0.0, 0.1, 0.25, 0.4, 0.5)
-
-
-class SweepError(RuntimeError):
-    """The sweep cannot start or a point failed."""
 
 
 def dvc(*args: str, env: dict | None = None, echo: bool = True) -> str:
@@ -202,8 +197,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        run(main)
-    except SweepError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    run(main)

@@ -15,7 +15,6 @@ epochs per layer and fine-tuning up to 15 epochs (patience 8).
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import yaml
 
 from sda.artifacts import save_json, save_text
 from sda.data import BENCHMARKS
-from stages.ablate import SweepError, apply_overrides, default_threads, run_points
+from stages.ablate import apply_overrides, default_threads, run_points
 from stages.common import run
 from stages.params import ParamsError, load_params
 from stages.track import flatten, log_sweep
@@ -123,8 +122,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        run(main)
-    except SweepError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1)
+    run(main)
