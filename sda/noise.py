@@ -1,5 +1,6 @@
 """Corruption processes q(x~ | x) for denoising autoencoders."""
 
+import numpy as np
 import torch
 
 MASKING_MODES = ("fixed", "bernoulli")
@@ -37,7 +38,12 @@ class MaskingNoise:
         k = self.masked_count(x.shape[1])
         if k == 0:
             return x
-        # The k smallest of i.i.d. uniform scores are a uniform k-subset of each row; topk breaks
-        # ties by position, so the count is exact even when two scores collide.
-        masked = torch.topk(scores, k, dim=1, largest=False, sorted=False).indices
+        # The k smallest of i.i.d. uniform scores are a uniform k-subset of each row. Both
+        # selections below return exactly k positions even when two scores collide.
+        if x.device.type == "cpu":
+            # numpy's introselect finds them 2-3.5x faster than torch.topk on rows of 784-1000
+            # (bench/README.md), and the batch's scores are shared with numpy, not copied.
+            masked = torch.from_numpy(np.argpartition(scores.numpy(), k - 1, axis=1)[:, :k])
+        else:
+            masked = torch.topk(scores, k, dim=1, largest=False, sorted=False).indices
         return x.scatter(1, masked, 0.0)

@@ -59,3 +59,21 @@ def test_same_generator_seed_gives_same_mask():
 def test_invalid_settings_are_refused(nu, mode):
     with pytest.raises(ValueError):
         MaskingNoise(nu, mode)
+
+
+def test_fixed_masks_the_k_smallest_of_fresh_uniform_scores():
+    # The CPU path selects with numpy's argpartition; it must pick the same set topk would.
+    x = batch(n=200, d=1000)
+    noise = MaskingNoise(0.3, "fixed")
+    out = noise(x, torch.Generator().manual_seed(5))
+    scores = torch.rand(x.shape, generator=torch.Generator().manual_seed(5))
+    expected = torch.ones_like(x, dtype=torch.bool).scatter(1, scores.topk(300, dim=1, largest=False).indices, False)
+    assert torch.equal(out != 0, expected)
+
+
+def test_fixed_masking_hits_every_component_equally_often():
+    x = batch(n=4000, d=50)
+    out = MaskingNoise(0.3, "fixed")(x, torch.Generator().manual_seed(6))
+    per_component = (out == 0).float().mean(dim=0)
+    # Each component's rate is 15/50 = 0.3; its standard error over 4000 rows is 0.007.
+    assert torch.all((per_component - 0.3).abs() < 0.035)
