@@ -1,14 +1,14 @@
 """Training speed against the hardware limit and against a naive reference, from one run.
 
 Prints, for the default params' layer sizes and batch sizes on MNIST:
-  - float32 GEMM FLOP/s measured now, with the threads the pipeline uses;
+  - float32 GEMM FLOP/s, measured in turn with the epochs of each row, with the pipeline's threads;
   - examples/s of one pretraining epoch per layer and of one fine-tuning epoch, and the ratio to
     the GEMM-bound rate (FLOPs per example / measured FLOP/s);
   - the same epochs written the common way (a torch DataLoader over a per-item Dataset, lower
     layers recomputed at every step), and "ours / naive";
   - peak resident memory.
 
-Usage: python bench/bench_speed.py [--examples N] [--device auto]
+Usage: python bench/bench_speed.py [--examples N] [--repeats 3] [--batch-sizes 32,64] [--device auto]
 """
 
 import argparse
@@ -34,18 +34,18 @@ from sda.stacked import StackedClassifier, negative_log_likelihood  # noqa: E402
 from stages.params import load_params  # noqa: E402
 
 
-def gemm_flops(device: torch.device, repeats: int = 40) -> float:
-    """float32 matmul FLOP/s now (a GPU needs a larger product than the CPU to reach its peak)."""
+def gemm_product(device: torch.device):
+    """A float32 matmul big enough to reach the device's peak, and its FLOPs."""
     n = 8192 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     for _ in range(5):
         a @ b
-    sync(device)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync(device)
-    return 2 * n**3 * repeats / (time.perf_counter() - started)
+
+    def ten_products():
+        for _ in range(10):
+            a @ b
+
+    return ten_products, 10 * 2 * n**3
 
 
 def sync(device: torch.device) -> None:
@@ -53,16 +53,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls: this VM's speed wanders by up to 30% between runs."""
-    seconds = []
+def interleaved(fns: dict, device, repeats: int) -> dict[str, float]:
+    """Median seconds of each function over ``repeats`` rounds of one call each, in turn.
+
+    This VM's speed drifts by up to 30% within minutes; taking the GEMM rate, our epoch and the
+    naive epoch round by round lets all three columns of a row see the same machine.
+    """
+    seconds = {name: [] for name in fns}
     for _ in range(repeats):
-        sync(device)
-        started = time.perf_counter()
-        fn()
-        sync(device)
-        seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds)
+        for name, fn in fns.items():
+            sync(device)
+            started = time.perf_counter()
+            fn()
+            sync(device)
+            seconds[name].append(time.perf_counter() - started)
+    return {name: statistics.median(s) for name, s in seconds.items()}
 
 
 class PerItemDataset(torch.utils.data.Dataset):
@@ -78,11 +83,14 @@ class PerItemDataset(torch.utils.data.Dataset):
         return self.x[i], self.y[i]
 
 
-def naive_pretrain_epoch(lower: list[DenoisingAutoencoder], dae, x, y, nu, lr, batch_size):
-    """A per-item DataLoader, and the frozen lower layers recomputed for every minibatch."""
+def naive_pretrain_epoch(lower: list[DenoisingAutoencoder], dae, x, y, noise: MaskingNoise, lr, batch_size):
+    """A per-item DataLoader, and the frozen lower layers recomputed for every minibatch.
+
+    The corruption is the same MaskingNoise as ours (vectorised over the batch), so both sides do
+    the same work and the ratio measures how it is organised, not which noise is cheaper.
+    """
     loader = torch.utils.data.DataLoader(PerItemDataset(x, y), batch_size=batch_size, shuffle=True)
     optimizer = torch.optim.SGD(dae.parameters(), lr=lr)
-    noise = MaskingNoise(nu, "bernoulli")
     for xb, _ in loader:
         h = xb
         for below in lower:
@@ -106,7 +114,10 @@ def naive_finetune_epoch(model, x, y, lr, batch_size):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=50_000, help="training examples per epoch (default: all 50,000)")
-    parser.add_argument("--repeats", type=int, default=3, help="epochs timed per row; the median is printed (default: 3)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds per row, each timing the GEMM, our epoch and the naive epoch in turn; medians are printed (default: 3)")
+    parser.add_argument("--batch-sizes", type=lambda v: [int(b) for b in v.split(",")], default=None, metavar="B1,B2",
+                        help="pretraining batch sizes to time, one row each (default: each layer's batch_size in the params)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
@@ -120,7 +131,6 @@ def main() -> None:
 
     print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.processor() or platform.machine()}, "
           f"{threads} torch threads, device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'})")
-    # The float32 GEMM rate is measured again just before each row: this VM's speed drifts.
     print(f"{'epoch':<24}{'batch':>6}{'GEMM GFLOP/s':>14}{'ours ex/s':>11}{'GEMM-bound':>12}{'ours/bound':>11}{'naive ex/s':>12}{'ours/naive':>11}")
 
     def row(name: str, batch: int, peak: float, flops: int, ours: float, naive: float) -> None:
@@ -128,22 +138,28 @@ def main() -> None:
         print(f"{name:<24}{batch:>6}{peak / 1e9:>14.0f}{ours:>11.0f}{bound:>12.0f}{ours / bound:>11.2f}{naive:>12.0f}{ours / naive:>11.2f}", flush=True)
 
     generator = torch.Generator(device=device).manual_seed(0)
+    gemm, gemm_flop_count = gemm_product(device)
+
+    def measure(name: str, batch: int, flops: int, ours, naive) -> None:
+        median = interleaved({"gemm": gemm, "ours": ours, "naive": naive}, device, args.repeats)
+        row(name, batch, gemm_flop_count / median["gemm"], flops, n / median["ours"], n / median["naive"])
+
     codes, lower = x, []
     for layer in params.layers:
-        dae = DenoisingAutoencoder(codes.shape[1], layer.units).to(device)
         # FLOPs actually needed per example: 2 forward GEMMs, 3 backward (the input needs no grad).
         flops = 5 * 2 * codes.shape[1] * layer.units
-        # Warm-up (allocator, kernels' first calls) on a slice, so the timed epochs are steady state.
-        pretrain_layer(DenoisingAutoencoder(codes.shape[1], layer.units).to(device), codes[:2000],
-                       MaskingNoise(layer.corruption, layer.masking), 1, layer.lr, layer.batch_size, generator)
-        naive_pretrain_epoch(lower, DenoisingAutoencoder(codes.shape[1], layer.units).to(device), x[:2000], y[:2000],
-                             layer.corruption, layer.lr, layer.batch_size)
-        peak = gemm_flops(device)
-        ours = n / timed(lambda: pretrain_layer(dae, codes, MaskingNoise(layer.corruption, layer.masking), 1, layer.lr,
-                                                layer.batch_size, generator, name=layer.name), device, args.repeats)
-        naive_dae = DenoisingAutoencoder(codes.shape[1], layer.units).to(device)
-        naive = n / timed(lambda: naive_pretrain_epoch(lower, naive_dae, x, y, layer.corruption, layer.lr, layer.batch_size), device, args.repeats)
-        row(f"pretrain {layer.name}", layer.batch_size, peak, flops, ours, naive)
+        noise = MaskingNoise(layer.corruption, layer.masking)
+        for batch in args.batch_sizes or [layer.batch_size]:
+            dae = DenoisingAutoencoder(codes.shape[1], layer.units).to(device)
+            naive_dae = DenoisingAutoencoder(codes.shape[1], layer.units).to(device)
+            # Warm-up (allocator, kernels' first calls) on a slice, so the timed epochs are steady state.
+            pretrain_layer(DenoisingAutoencoder(codes.shape[1], layer.units).to(device), codes[:2000], noise, 1,
+                           layer.lr, batch, generator)
+            naive_pretrain_epoch(lower, DenoisingAutoencoder(codes.shape[1], layer.units).to(device), x[:2000], y[:2000],
+                                 noise, layer.lr, batch)
+            measure(f"pretrain {layer.name}", batch, flops,
+                    lambda: pretrain_layer(dae, codes, noise, 1, layer.lr, batch, generator, name=layer.name),
+                    lambda: naive_pretrain_epoch(lower, naive_dae, x, y, noise, layer.lr, batch))
         codes, lower = encode(dae, codes), lower + [dae]
 
     ft = params.finetune
@@ -152,10 +168,9 @@ def main() -> None:
     macs = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
     flops = 2 * macs * 3 - 2 * sizes[0] * sizes[1]  # forward + two backward GEMMs, none for the input's grad
     valid = (x[:1000], y[:1000])
-    peak = gemm_flops(device)
-    ours = n / timed(lambda: finetune(model, (x, y), valid, ft.lr, ft.batch_size, 1, EarlyStopping(), generator), device, args.repeats)
-    naive = n / timed(lambda: naive_finetune_epoch(model, x, y, ft.lr, ft.batch_size), device, args.repeats)
-    row("finetune (one epoch)", ft.batch_size, peak, flops, ours, naive)
+    measure("finetune (one epoch)", ft.batch_size, flops,
+            lambda: finetune(model, (x, y), valid, ft.lr, ft.batch_size, 1, EarlyStopping(), generator),
+            lambda: naive_finetune_epoch(model, x, y, ft.lr, ft.batch_size))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory: {rss:.0f} MiB" + (f"; peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device.type == "cuda" else ""))
 
