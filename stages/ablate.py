@@ -119,6 +119,9 @@ def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]]
     started = time.perf_counter()
     print(f"running {len(points)} points with {jobs} workers x {threads} torch threads ...", flush=True)
     dvc("exp", "run", "--run-all", "--jobs", str(jobs), env=env)
+    # --run-all returns while its detached workers idle on for minutes; stop them, so that nothing
+    # of the sweep outlives it (the queue was empty before, so they are this sweep's own).
+    dvc("queue", "stop", echo=False)
     # Only this sweep's entries: the queue remembers earlier sweeps' failures too.
     failed = [line for line in dvc("queue", "status", echo=False).splitlines()
               if "Failed" in line.split() and set(line.split()) & set(names)]

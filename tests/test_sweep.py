@@ -26,6 +26,8 @@ def test_a_three_point_sweep_with_two_workers(pipeline_repo):
     assert not (repo.path / "mlflow.db").exists()
     done = ablate(repo, "--nu", "0", "0.25", "0.5", "--layers", "layer3", "--jobs", "2", "--sweep-id", "s1")
     assert "2 workers x 1 torch threads" in done.stdout
+    status = repo.run("dvc", "queue", "status").stdout
+    assert "Worker status: 0 active, 0 idle" in status, status
 
     client, runs = point_runs(repo)
     assert sorted(float(r.data.params["pretrain.layer3.corruption"]) for r in runs) == [0.0, 0.25, 0.5]
