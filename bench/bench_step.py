@@ -67,7 +67,7 @@ def topk_masking(nu, generator):
 
     def mask(x):
         scores = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        k = round(nu * x.shape[1])
+        k = MaskingNoise(nu, "fixed").masked_count(x.shape[1])
         return x.scatter(1, torch.topk(scores, k, dim=1, largest=False, sorted=False).indices, 0.0)
 
     return mask
