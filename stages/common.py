@@ -12,7 +12,7 @@ import torch
 
 from sda.artifacts import load_split
 from sda.data import DataSourceError
-from sda.device import make_generator, resolve_device, set_cpu_threads
+from sda.device import choose_cpu_matmul, make_generator, resolve_device, set_cpu_threads
 from sda.pretrain import DivergenceError
 from stages.params import ParamsError
 
@@ -33,7 +33,16 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
 
 def setup_torch(device_name: str) -> torch.device:
     set_cpu_threads()
+    choose_cpu_matmul()
     return resolve_device(device_name)
+
+
+def describe_device(device: torch.device) -> str:
+    """Where the stage computes, for its log: ``cpu (2 threads, float32 products by oneDNN)``."""
+    if device.type != "cpu":
+        return str(device)
+    library = "oneDNN" if torch.backends.mkldnn.matmul.fp32_precision == "bf16" else "torch's BLAS"
+    return f"cpu ({torch.get_num_threads()} threads, float32 products by {library})"
 
 
 def stage_generator(seed: int, stage: str, device: torch.device) -> torch.Generator:

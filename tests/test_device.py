@@ -1,0 +1,84 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sda.dae import DenoisingAutoencoder
+from sda.device import choose_cpu_matmul, float32_products_are_exact
+from tests.conftest import ROOT
+
+
+@pytest.fixture
+def restore_cpu_matmul():
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    yield
+    torch.backends.mkldnn.matmul.fp32_precision = before
+
+
+def split_into_two_bfloat16(t: torch.Tensor) -> torch.Tensor:
+    high = t.bfloat16().float()
+    return high + (t - high).bfloat16().float()
+
+
+def test_the_exactness_check_refuses_products_narrower_than_float32():
+    assert float32_products_are_exact(lambda a, b: (a.double() @ b.double()).float())
+    assert not float32_products_are_exact(lambda a, b: (a.bfloat16() @ b.bfloat16()).float())
+    # torch's "high" precision: each float32 as the sum of two bfloat16, ~16 bits of mantissa.
+    assert not float32_products_are_exact(lambda a, b: split_into_two_bfloat16(a) @ split_into_two_bfloat16(b))
+
+
+def relative_error(product: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    exact = a.double() @ b.double()
+    return ((product.double() - exact).abs() / (a.double().abs() @ b.double().abs())).mean().item()
+
+
+@pytest.mark.parametrize("choice", ["auto", "blas"])
+def test_after_the_choice_products_of_the_training_shapes_are_float32_exact(choice, restore_cpu_matmul):
+    library = choose_cpu_matmul(choice)
+    assert library in ("onednn", "blas") and (choice == "auto" or library == "blas")
+    assert (torch.backends.mkldnn.matmul.fp32_precision == "bf16") == (library == "onednn")
+    g = torch.Generator().manual_seed(7)
+    weight, batch_t = torch.randn(1000, 784, generator=g), torch.rand(784, 32, generator=g)
+    grad_t = torch.randn(784, 32, generator=g)
+    for a, b in ((weight, batch_t), (weight, grad_t), (weight.t(), torch.randn(1000, 20, generator=g))):
+        assert relative_error(a @ b, a, b) < 1e-7
+    # The rank-32 update accumulated into W in place, as sgd_step does.
+    code_t = torch.rand(1000, 32, generator=g)
+    updated = weight.clone().addmm_(code_t, grad_t.t(), alpha=-0.1)
+    exact = weight.double() - 0.1 * code_t.double() @ grad_t.t().double()
+    scale = weight.double().abs() + 0.1 * code_t.double() @ grad_t.t().double().abs()
+    assert ((updated.double() - exact).abs() / scale).mean().item() < 1e-7
+
+
+def test_a_training_run_is_the_same_float32_computation_under_either_library(restore_cpu_matmul):
+    """Both libraries compute in float32: 50 steps differ by float32 rounding only, and each repeats exactly."""
+    x = torch.rand(64, 30, generator=torch.Generator().manual_seed(0))
+
+    def train(choice: str) -> torch.Tensor:
+        choose_cpu_matmul(choice)
+        dae = DenoisingAutoencoder(30, 20, torch.Generator().manual_seed(1))
+        for step in range(50):
+            batch = x[(step % 2) * 32 :][:32]
+            dae.sgd_step(batch, batch, 0.1)
+        return dae.weight.detach().clone()
+
+    auto, blas = train("auto"), train("blas")
+    assert torch.equal(auto, train("auto"))
+    assert torch.allclose(auto, blas, rtol=0, atol=1e-5)
+
+
+def test_an_unknown_choice_names_the_variable(restore_cpu_matmul):
+    with pytest.raises(ValueError, match="SDA_CPU_MATMUL must be one of .*'mkl'"):
+        choose_cpu_matmul("mkl")
+
+
+def test_a_stage_with_a_bad_choice_stops_with_one_line_and_writes_nothing(tmp_path):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.pretrain", "layer1"], cwd=tmp_path, capture_output=True, text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "SDA_CPU_MATMUL": "fast"},
+    )
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == ["error: SDA_CPU_MATMUL must be one of ('auto', 'blas'), got 'fast'"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
