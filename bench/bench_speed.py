@@ -1,11 +1,14 @@
 """Training speed against the hardware limit and against a naive reference, from one run.
 
 Prints, for the default params' layer sizes and batch sizes on MNIST:
-  - float32 GEMM FLOP/s, measured in turn with the epochs of each row, with the pipeline's threads;
+  - float32 GEMM FLOP/s, measured in turn with the epochs of each row, with the pipeline's threads,
+    through each library torch can use here for float32 products (on the CPU: its default BLAS, and
+    oneDNN where sda.device.choose_cpu_matmul finds it float32-exact); the faster sets the bound;
   - examples/s of one pretraining epoch per layer and of one fine-tuning epoch, and the ratio to
-    the GEMM-bound rate (FLOPs per example / measured FLOP/s);
+    the GEMM-bound rate (FLOPs per example / the faster library's measured FLOP/s);
   - the same epochs written the common way (a torch DataLoader over a per-item Dataset, lower
-    layers recomputed at every step), and "ours / naive";
+    layers recomputed at every step, torch's default settings), and "ours / naive"; on the CPU
+    also the naive epochs on oneDNN, so the ratio's two sources (the library, the code) separate;
   - peak resident memory.
 
 Usage: python bench/bench_speed.py [--examples N] [--repeats 3] [--batch-sizes 32,64] [--device auto]
@@ -26,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sda.dae import DenoisingAutoencoder  # noqa: E402
 from sda.data import load_mnist  # noqa: E402
-from sda.device import resolve_device, set_cpu_threads  # noqa: E402
+from sda.device import choose_cpu_matmul, resolve_device, set_cpu_threads  # noqa: E402
 from sda.finetune import EarlyStopping, finetune  # noqa: E402
 from sda.noise import MaskingNoise  # noqa: E402
 from sda.pretrain import encode, pretrain_layer  # noqa: E402
@@ -68,6 +71,18 @@ def interleaved(fns: dict, device, repeats: int) -> dict[str, float]:
             sync(device)
             seconds[name].append(time.perf_counter() - started)
     return {name: statistics.median(s) for name, s in seconds.items()}
+
+
+def on(library: str | None, fn):
+    """``fn`` with float32 CPU products sent to ``library`` ("blas" or "onednn") while it runs."""
+    if library is None:
+        return fn
+
+    def call():
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16" if library == "onednn" else "ieee"
+        fn()
+
+    return call
 
 
 class PerItemDataset(torch.utils.data.Dataset):
@@ -123,6 +138,9 @@ def main() -> None:
     args = parser.parse_args()
     threads = set_cpu_threads()
     device = resolve_device(args.device)
+    # Ours runs on what the stages choose; the naive code on torch's defaults, and on oneDNN too.
+    ours_library = choose_cpu_matmul() if device.type == "cpu" else None
+    libraries = ["blas", "onednn"] if ours_library == "onednn" else [ours_library]
     params = load_params(args.params)
     splits = load_mnist()
     x = torch.from_numpy(splits["train"][0][: args.examples]).to(device)
@@ -131,18 +149,28 @@ def main() -> None:
 
     print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.processor() or platform.machine()}, "
           f"{threads} torch threads, device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'})")
-    print(f"{'epoch':<24}{'batch':>6}{'GEMM GFLOP/s':>14}{'ours ex/s':>11}{'GEMM-bound':>12}{'ours/bound':>11}{'naive ex/s':>12}{'ours/naive':>11}")
-
-    def row(name: str, batch: int, peak: float, flops: int, ours: float, naive: float) -> None:
-        bound = peak / flops
-        print(f"{name:<24}{batch:>6}{peak / 1e9:>14.0f}{ours:>11.0f}{bound:>12.0f}{ours / bound:>11.2f}{naive:>12.0f}{ours / naive:>11.2f}", flush=True)
+    if device.type == "cpu":
+        print(f"float32 products: ours on {ours_library}; GEMM GFLOP/s per library {' / '.join(libraries)}; "
+              "naive on torch's default (blas)" + (", then on onednn" if len(libraries) > 1 else ""))
+    gemm_header = "GEMM GFLOP/s" if len(libraries) == 1 else "GEMM " + "/".join(libraries)
+    extra_header = f"{'naive onednn':>13}{'ours/it':>8}" if len(libraries) > 1 else ""
+    print(f"{'epoch':<22}{'batch':>6}{gemm_header:>18}{'ours ex/s':>11}{'GEMM-bound':>12}{'ours/bound':>11}"
+          f"{'naive ex/s':>12}{'ours/naive':>11}{extra_header}")
 
     generator = torch.Generator(device=device).manual_seed(0)
     gemm, gemm_flop_count = gemm_product(device)
 
     def measure(name: str, batch: int, flops: int, ours, naive) -> None:
-        median = interleaved({"gemm": gemm, "ours": ours, "naive": naive}, device, args.repeats)
-        row(name, batch, gemm_flop_count / median["gemm"], flops, n / median["ours"], n / median["naive"])
+        fns = {f"gemm {lib}": on(lib, gemm) for lib in libraries}
+        fns["ours"] = on(ours_library, ours)
+        fns.update({f"naive {lib}": on(lib, naive) for lib in libraries})
+        median = interleaved(fns, device, args.repeats)
+        rates = [gemm_flop_count / median[f"gemm {lib}"] for lib in libraries]
+        bound = max(rates) / flops
+        ours_rate, naive_rates = n / median["ours"], [n / median[f"naive {lib}"] for lib in libraries]
+        extra = f"{naive_rates[1]:>13.0f}{ours_rate / naive_rates[1]:>8.2f}" if len(libraries) > 1 else ""
+        print(f"{name:<22}{batch:>6}{'/'.join(f'{r / 1e9:.0f}' for r in rates):>18}{ours_rate:>11.0f}{bound:>12.0f}"
+              f"{ours_rate / bound:>11.2f}{naive_rates[0]:>12.0f}{ours_rate / naive_rates[0]:>11.2f}{extra}", flush=True)
 
     codes, lower = x, []
     for layer in params.layers:
@@ -153,13 +181,15 @@ def main() -> None:
             dae = DenoisingAutoencoder(codes.shape[1], layer.units).to(device)
             naive_dae = DenoisingAutoencoder(codes.shape[1], layer.units).to(device)
             # Warm-up (allocator, kernels' first calls) on a slice, so the timed epochs are steady state.
-            pretrain_layer(DenoisingAutoencoder(codes.shape[1], layer.units).to(device), codes[:2000], noise, 1,
-                           layer.lr, batch, generator)
-            naive_pretrain_epoch(lower, DenoisingAutoencoder(codes.shape[1], layer.units).to(device), x[:2000], y[:2000],
-                                 noise, layer.lr, batch)
+            for lib in libraries:
+                on(lib, lambda: pretrain_layer(DenoisingAutoencoder(codes.shape[1], layer.units).to(device), codes[:2000],
+                                               noise, 1, layer.lr, batch, generator))()
+                on(lib, lambda: naive_pretrain_epoch(lower, DenoisingAutoencoder(codes.shape[1], layer.units).to(device),
+                                                     x[:2000], y[:2000], noise, layer.lr, batch))()
             measure(f"pretrain {layer.name}", batch, flops,
                     lambda: pretrain_layer(dae, codes, noise, 1, layer.lr, batch, generator, name=layer.name),
                     lambda: naive_pretrain_epoch(lower, naive_dae, x, y, noise, layer.lr, batch))
+        on(ours_library, lambda: None)()
         codes, lower = encode(dae, codes), lower + [dae]
 
     ft = params.finetune

@@ -7,15 +7,18 @@ step of the default 784-1000-1000-1000-10 network (batch 20), written each way t
     autograd + torch.optim.SGD        the step before the change (loss.backward(), optimizer.step())
     written out, batch-major          analytic tied-weight gradient accumulated straight into W
     + vectorised loss value           cross_entropy_value instead of binary_cross_entropy_with_logits
-    + feature-major (ours)            DenoisingAutoencoder.sgd_step: activations units x batch
+    + feature-major                   DenoisingAutoencoder.sgd_step: activations units x batch
+    + oneDNN products (ours)          the same, float32 products by oneDNN instead of torch's BLAS
+                                      (sda.device.choose_cpu_matmul; CPU only, where exact)
     fixed masking, torch.topk         the masking before: k smallest of fresh scores by torch.topk
     fixed masking (ours)              MaskingNoise(nu, "fixed"): numpy argpartition on the CPU
   fine-tuning
     autograd + torch.optim.SGD
-    written out, feature-major (ours) StackedClassifier.sgd_step
+    written out, feature-major        StackedClassifier.sgd_step
+    + oneDNN products (ours)
 
 Variants are interleaved over --rounds rounds and the median ms/step is printed, so drift of the
-machine's speed hits every variant alike. Usage: python bench/bench_step.py [--rounds 7] [--device auto]
+machine's speed hits every variant alike. Every row but the oneDNN ones runs on torch's BLAS. Usage: python bench/bench_step.py [--rounds 7] [--device auto]
 """
 
 import argparse
@@ -30,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sda.dae import DenoisingAutoencoder, cross_entropy_value, reconstruction_cross_entropy  # noqa: E402
-from sda.device import resolve_device, set_cpu_threads  # noqa: E402
+from sda.device import choose_cpu_matmul, resolve_device, set_cpu_threads  # noqa: E402
 from sda.noise import MaskingNoise  # noqa: E402
 from sda.stacked import StackedClassifier, negative_log_likelihood  # noqa: E402
 
@@ -84,6 +87,17 @@ def autograd_finetune_step(model, optimizer):
     return step
 
 
+def on(library: str, fn):
+    """``fn`` with float32 CPU products sent to ``library`` ("blas" or "onednn") while it runs."""
+    precision = "bf16" if library == "onednn" else "ieee"
+
+    def call(*args):
+        torch.backends.mkldnn.matmul.fp32_precision = precision
+        return fn(*args)
+
+    return call
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -127,6 +141,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = set_cpu_threads()
     device = resolve_device(args.device)
+    onednn = device.type == "cpu" and choose_cpu_matmul() == "onednn"
     g = torch.Generator(device=device).manual_seed(0)
     print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {threads} torch threads, device {device}; "
           f"median of {args.rounds} interleaved rounds of {args.steps} steps; last column: speed-up over the first row (ours masking: over torch.topk)")
@@ -136,15 +151,17 @@ def main() -> None:
         codes = torch.rand(args.steps * batch, n_in, generator=g, device=device)
         noise = MaskingNoise(nu, "fixed")
         batches = [(noise(c, g), c, lr) for c in codes.split(batch)]
-        daes = [DenoisingAutoencoder(n_in, 1000, torch.Generator().manual_seed(1)).to(device) for _ in range(4)]
+        daes = [DenoisingAutoencoder(n_in, 1000, torch.Generator().manual_seed(1)).to(device) for _ in range(5)]
         variants = {
             "autograd + torch.optim.SGD": autograd_pretrain_step(daes[0], torch.optim.SGD(daes[0].parameters(), lr=lr)),
             "written out, batch-major": lambda c, x, lr: batch_major_step(daes[1], c, x, lr, fast_loss=False),
             "+ vectorised loss value": lambda c, x, lr: batch_major_step(daes[2], c, x, lr, fast_loss=True),
-            "+ feature-major (ours)": daes[3].sgd_step,
+            "+ feature-major" + ("" if onednn else " (ours)"): daes[3].sgd_step,
+            **({"+ oneDNN products (ours)": on("onednn", daes[4].sgd_step)} if onednn else {}),
             f"fixed masking, nu={nu}, torch.topk": lambda c, x, lr, before=topk_masking(nu, g): before(x),
             f"fixed masking, nu={nu} (ours)": lambda c, x, lr: noise(x, g),
         }
+        variants = {name: fn if "oneDNN" in name else on("blas", fn) for name, fn in variants.items()}
         report(f"pretraining step {n_in} -> 1000, batch {batch}", compare(variants, batches, device, args.rounds))
 
     batch, lr = 20, 2.0
@@ -153,11 +170,13 @@ def main() -> None:
     batches = [(xb, yb, lr) for xb, yb in zip(x.split(batch), y.split(batch))]
     daes = [DenoisingAutoencoder(a, 1000, torch.Generator().manual_seed(1)) for a in (784, 1000, 1000)]
     reference = StackedClassifier.from_autoencoders(daes, 10).to(device)
-    ours = StackedClassifier.from_autoencoders(daes, 10).to(device)
+    written_out, ours = (StackedClassifier.from_autoencoders(daes, 10).to(device) for _ in range(2))
     variants = {
         "autograd + torch.optim.SGD": autograd_finetune_step(reference, torch.optim.SGD(reference.parameters(), lr=lr)),
-        "written out, feature-major (ours)": lambda x, y, lr: ours.sgd_step(x, y, lr),
+        "written out, feature-major" + ("" if onednn else " (ours)"): lambda x, y, lr: written_out.sgd_step(x, y, lr),
+        **({"+ oneDNN products (ours)": on("onednn", lambda x, y, lr: ours.sgd_step(x, y, lr))} if onednn else {}),
     }
+    variants = {name: fn if "oneDNN" in name else on("blas", fn) for name, fn in variants.items()}
     report(f"fine-tuning step 784-1000-1000-1000-10, batch {batch}", compare(variants, batches, device, args.rounds))
 
 
