@@ -73,8 +73,13 @@ class StackedClassifier(nn.Module):
         buffers = iter(reversed(velocity)) if momentum else None
         for depth in range(len(layers) - 1, -1, -1):
             linear, below_t = layers[depth], codes_t[depth]
-            # The gradient for the layer below needs this layer's weight before it is updated.
-            grad_below_t = torch.mm(linear.weight.t(), grad_t).mul_(below_t * (1.0 - below_t)) if depth else None
+            # The gradient for the layer below needs this layer's weight before it is updated. It is
+            # computed batch-major, grad^T W, and handed down as a transposed view: at batch 20 oneDNN
+            # runs that product ~2x faster than W^T grad (1.17x on the step; bench/README.md).
+            grad_below_t = None
+            if depth:
+                below = below_t.t()
+                grad_below_t = torch.mm(grad_t.t(), linear.weight).mul_(below * (1.0 - below)).t()
             bias_grad = grad_t.sum(dim=1)
             if momentum:
                 bias_velocity, weight_velocity = next(buffers), next(buffers)
