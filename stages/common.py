@@ -42,7 +42,8 @@ def describe_device(device: torch.device) -> str:
     if device.type != "cpu":
         return str(device)
     library = "oneDNN" if torch.backends.mkldnn.matmul.fp32_precision == "bf16" else "torch's BLAS"
-    return f"cpu ({torch.get_num_threads()} threads, float32 products by {library})"
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'s' * (threads != 1)}, float32 products by {library})"
 
 
 def stage_generator(seed: int, stage: str, device: torch.device) -> torch.Generator:

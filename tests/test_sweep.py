@@ -48,7 +48,7 @@ def test_a_three_point_sweep_with_two_workers(pipeline_repo):
     for name in ("s1-nu0", "s1-nu0p25", "s1-nu0p5"):
         log = repo.run("dvc", "queue", "logs", name).stdout
         assert "Stage 'pretrain@layer1' is cached - skipping run" in log
-        assert "Running stage 'pretrain@layer3'" in log and "with 1 threads" in log
+        assert "Running stage 'pretrain@layer3'" in log and "on cpu (1 thread, float32 products by " in log
 
     report = repo.path / "reports/sweeps/s1"
     table = json.loads((report / "table.json").read_text())
