@@ -53,19 +53,25 @@ def test_after_the_choice_products_of_the_training_shapes_are_float32_exact(choi
 
 def test_a_training_run_is_the_same_float32_computation_under_either_library(restore_cpu_matmul):
     """Both libraries compute in float32: 50 steps differ by float32 rounding only, and each repeats exactly."""
-    x = torch.rand(64, 30, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(64, 196, generator=torch.Generator().manual_seed(0))
+    library = None
 
     def train(choice: str) -> torch.Tensor:
-        choose_cpu_matmul(choice)
-        dae = DenoisingAutoencoder(30, 20, torch.Generator().manual_seed(1))
+        nonlocal library
+        library = choose_cpu_matmul(choice)
+        dae = DenoisingAutoencoder(196, 100, torch.Generator().manual_seed(1))
         for step in range(50):
             batch = x[(step % 2) * 32 :][:32]
             dae.sgd_step(batch, batch, 0.1)
         return dae.weight.detach().clone()
 
-    auto, blas = train("auto"), train("blas")
+    auto = train("auto")
+    if library == "onednn":
+        # Another library, another order of summation: not the same bits, the same float32 result.
+        blas = train("blas")
+        assert not torch.equal(auto, blas)
+        assert torch.allclose(auto, blas, rtol=0, atol=1e-5)
     assert torch.equal(auto, train("auto"))
-    assert torch.allclose(auto, blas, rtol=0, atol=1e-5)
 
 
 def test_an_unknown_choice_names_the_variable(restore_cpu_matmul):
