@@ -15,6 +15,7 @@ Usage: python bench/bench_speed.py [--examples N] [--repeats 3] [--batch-sizes 3
 """
 
 import argparse
+import os
 import platform
 import resource
 import statistics
@@ -23,7 +24,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
+# A progress bar per timed epoch would bury the table; tqdm reads this when it is first imported.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
