@@ -50,7 +50,7 @@ def choose_cpu_matmul(choice: str | None = None) -> str:
     """Send float32 CPU matrix products to oneDNN when it computes them exactly; returns the library.
 
     torch gives them to its BLAS (MKL on x86), which on AMD processors runs its AVX2 code: on this
-    project's 2-core AMD EPYC 193-210 GFLOP/s, against 447-471 for oneDNN's AVX-512 kernels on the
+    project's 2-core AMD EPYC 193-221 GFLOP/s, against 398-489 for oneDNN's AVX-512 kernels on the
     same float32 products, and a 1.7x faster training step (bench/README.md). torch routes
     float32 products to oneDNN only under its reduced-precision switch, which *allows* bfloat16
     inside the product; where oneDNN has no bfloat16 kernel for them (CPUs without AMX, such as
