@@ -11,14 +11,15 @@ step of the default 784-1000-1000-1000-10 network (batch 20), written each way t
     + oneDNN products (ours)          the same, float32 products by oneDNN instead of torch's BLAS
                                       (sda.device.choose_cpu_matmul; CPU only, where exact)
     fixed masking, torch.topk         the masking before: k smallest of fresh scores by torch.topk
-    fixed masking (ours)              MaskingNoise(nu, "fixed"): numpy argpartition on the CPU
+    fixed masking (ours)              MaskingNoise(nu, "fixed"): numpy partition on the CPU
   fine-tuning
     autograd + torch.optim.SGD
     written out, feature-major        StackedClassifier.sgd_step
     + oneDNN products (ours)
 
 Variants are interleaved over --rounds rounds and the median ms/step is printed, so drift of the
-machine's speed hits every variant alike. Every row but the oneDNN ones runs on torch's BLAS. Usage: python bench/bench_step.py [--rounds 7] [--device auto]
+machine's speed hits every variant alike. Every row but the oneDNN ones runs on torch's BLAS.
+Usage: python bench/bench_step.py [--rounds 7] [--device auto]
 """
 
 import argparse
