@@ -51,8 +51,10 @@ def _mask_k_smallest_on_cpu(x: torch.Tensor, scores: torch.Tensor, k: int) -> to
 
     numpy's introselect, on the scores shared with it, not copied, finds each row's k-th smallest
     score 2-3x faster than torch.topk finds the positions; the scores above it are kept by one
-    multiplication. Only if two scores tie at a row's k-th place (about once in 20,000 rows) would
-    that keep fewer than d - k, and then the positions are taken by argpartition instead.
+    multiplication (10 us cheaper per batch than masked_fill; a masked component is 0, -0 where x is
+    negative, NaN where x is not finite, and such an x is also the clean target, whose loss is then
+    not finite either). Only if two scores tie at a row's k-th place (about once in 20,000 rows)
+    would that keep fewer than d - k, and then the positions are taken by argpartition instead.
     """
     u = scores.numpy()
     keep = u > np.partition(u, k - 1, axis=1)[:, k - 1 : k]
