@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sda.graphs import replay_as_cuda_graph
-from sda.pretrain import DivergenceError
+from sda.pretrain import DivergenceError, shuffled_batches
 from sda.stacked import StackedClassifier
 
 
@@ -89,8 +89,6 @@ def finetune(
     for epoch in progress:
         epoch_lr = lr * lr_decay ** (epoch - 1)
         model.train()
-        order = torch.randperm(x_train.shape[0], generator=generator, device=x_train.device)
-        xs, ys = x_train[order], y_train[order]
         total_loss.zero_()
         mistakes.zero_()
 
@@ -102,16 +100,15 @@ def finetune(
         full_batch_step = step
         if use_graph:
             spare, spare_velocity = copy.deepcopy(model), copy.deepcopy(velocity)
-            example = (xs[:batch_size], ys[:batch_size])
+            example = (x_train[:batch_size], y_train[:batch_size])
             full_batch_step = replay_as_cuda_graph(
                 step,
                 (example[0].clone(), example[1].clone()),
                 warm_up=lambda: spare.sgd_step(*example, epoch_lr, momentum, spare_velocity),
             )
-        for start in range(0, xs.shape[0], batch_size):
-            x, y = xs[start : start + batch_size], ys[start : start + batch_size]
+        for x, y in shuffled_batches((x_train, y_train), batch_size, generator):
             (full_batch_step if x.shape[0] == batch_size else step)(x, y)
-        train_loss = total_loss.item() / xs.shape[0]
+        train_loss = total_loss.item() / x_train.shape[0]
         if not math.isfinite(train_loss):
             raise DivergenceError(f"finetune: training loss became {train_loss} at epoch {epoch} (lr={epoch_lr})")
         model.eval()
@@ -119,7 +116,7 @@ def finetune(
             epoch=epoch,
             lr=epoch_lr,
             train_loss=train_loss,
-            train_error=mistakes.item() / xs.shape[0],
+            train_error=mistakes.item() / x_train.shape[0],
             valid_error=model.error_rate(*valid),
         )
         result.history.append(record)

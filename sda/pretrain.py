@@ -16,21 +16,23 @@ class DivergenceError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-def shuffled_batches(x: torch.Tensor, batch_size: int, generator: torch.Generator):
-    """Yield the minibatches of one epoch: ``x``'s rows in the order of one random permutation.
+def shuffled_batches(tensors: tuple[torch.Tensor, ...], batch_size: int, generator: torch.Generator):
+    """Yield the minibatches of one epoch: the tensors' rows in the order of one random permutation.
 
-    On the CPU each batch is gathered by itself: a shuffled copy of all of ``x`` (157 MB for MNIST)
-    is fresh memory each epoch, and faulting it in made the epoch's gather 3x slower (65 against 21
-    ms). On a GPU one gather per epoch, then views, saves a kernel launch per batch.
+    On the CPU each batch is gathered by itself: a shuffled copy of a whole training set (157 MB for
+    MNIST) is fresh memory each epoch, and faulting it in made the epoch's gather 3x slower (65
+    against 21 ms). On a GPU one gather per epoch, then views, saves a kernel launch per batch.
     """
-    order = torch.randperm(x.shape[0], generator=generator, device=x.device)
-    if x.device.type == "cpu":
-        for start in range(0, x.shape[0], batch_size):
-            yield x.index_select(0, order[start : start + batch_size])
+    n = tensors[0].shape[0]
+    order = torch.randperm(n, generator=generator, device=tensors[0].device)
+    if tensors[0].device.type == "cpu":
+        for start in range(0, n, batch_size):
+            rows = order[start : start + batch_size]
+            yield tuple(t.index_select(0, rows) for t in tensors)
         return
-    shuffled = x[order]
-    for start in range(0, shuffled.shape[0], batch_size):
-        yield shuffled[start : start + batch_size]
+    shuffled = tuple(t[order] for t in tensors)
+    for start in range(0, n, batch_size):
+        yield tuple(t[start : start + batch_size] for t in shuffled)
 
 
 def pretrain_layer(
@@ -70,7 +72,7 @@ def pretrain_layer(
     losses: list[float] = []
     for epoch in tqdm(range(1, epochs + 1), desc=f"pretrain {name}", unit="epoch"):
         total.zero_()
-        for clean in shuffled_batches(codes, batch_size, generator):
+        for (clean,) in shuffled_batches((codes,), batch_size, generator):
             (full_batch_step if clean.shape[0] == batch_size else step)(clean)
         epoch_loss = total.item() / codes.shape[0]
         if not math.isfinite(epoch_loss):
