@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sda.dae import DenoisingAutoencoder  # noqa: E402
 from sda.data import load_mnist  # noqa: E402
-from sda.device import choose_cpu_matmul, resolve_device, set_cpu_threads  # noqa: E402
+from sda.device import choose_cpu_matmul, resolve_device, set_cpu_matmul, set_cpu_threads  # noqa: E402
 from sda.finetune import EarlyStopping, finetune  # noqa: E402
 from sda.noise import MaskingNoise  # noqa: E402
 from sda.pretrain import encode, pretrain_layer  # noqa: E402
@@ -83,7 +83,7 @@ def on(library: str | None, fn):
         return fn
 
     def call():
-        torch.backends.mkldnn.matmul.fp32_precision = "bf16" if library == "onednn" else "ieee"
+        set_cpu_matmul(library)
         fn()
 
     return call
@@ -193,7 +193,8 @@ def main() -> None:
             measure(f"pretrain {layer.name}", batch, flops,
                     lambda: pretrain_layer(dae, codes, noise, 1, layer.lr, batch, generator, name=layer.name),
                     lambda: naive_pretrain_epoch(lower, naive_dae, x, y, noise, layer.lr, batch))
-        on(ours_library, lambda: None)()
+        if ours_library is not None:
+            set_cpu_matmul(ours_library)
         codes, lower = encode(dae, codes), lower + [dae]
 
     ft = params.finetune

@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sda.dae import DenoisingAutoencoder, cross_entropy_value, reconstruction_cross_entropy  # noqa: E402
-from sda.device import choose_cpu_matmul, resolve_device, set_cpu_threads  # noqa: E402
+from sda.device import choose_cpu_matmul, resolve_device, set_cpu_matmul, set_cpu_threads  # noqa: E402
 from sda.noise import MaskingNoise  # noqa: E402
 from sda.stacked import StackedClassifier, negative_log_likelihood  # noqa: E402
 
@@ -90,10 +90,8 @@ def autograd_finetune_step(model, optimizer):
 
 def on(library: str, fn):
     """``fn`` with float32 CPU products sent to ``library`` ("blas" or "onednn") while it runs."""
-    precision = "bf16" if library == "onednn" else "ieee"
-
     def call(*args):
-        torch.backends.mkldnn.matmul.fp32_precision = precision
+        set_cpu_matmul(library)
         return fn(*args)
 
     return call

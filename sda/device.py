@@ -6,6 +6,9 @@ from collections.abc import Callable
 import torch
 
 CPU_MATMUL_CHOICES = ("auto", "blas")
+# torch's switch for where float32 CPU products go: "ieee" keeps its BLAS; "bf16" sends them to
+# oneDNN, allowing (not forcing) bfloat16 inside them (see choose_cpu_matmul).
+_FP32_PRECISION = {"blas": "ieee", "onednn": "bf16"}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -26,6 +29,22 @@ def set_cpu_threads(threads: int | None = None) -> int:
     return threads
 
 
+def set_cpu_matmul(library: str) -> None:
+    """Send float32 CPU products to ``library``, "blas" or "onednn", unchecked (choose_cpu_matmul checks)."""
+    torch.backends.mkldnn.matmul.fp32_precision = _FP32_PRECISION[library]
+
+
+def cpu_matmul() -> str:
+    """The library float32 CPU products go to now: "blas" or "onednn"."""
+    return "onednn" if torch.backends.mkldnn.matmul.fp32_precision == _FP32_PRECISION["onednn"] else "blas"
+
+
+def float32_relative_error(product: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over the entries of |product - A B| / (|A| |B|), A B computed in float64."""
+    exact = a.double() @ b.double()
+    return ((product.double() - exact).abs() / (a.double().abs() @ b.double().abs())).mean().item()
+
+
 def float32_products_are_exact(matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.mm) -> bool:
     """Whether ``matmul`` of float32 matrices computes in float32, not in a narrower format.
 
@@ -38,12 +57,8 @@ def float32_products_are_exact(matmul: Callable[[torch.Tensor, torch.Tensor], to
     weight = torch.randn(256, 192, generator=generator)
     batch_t = torch.randn(192, 32, generator=generator)
     grad = torch.randn(256, 32, generator=generator)
-    for a, b in ((weight, batch_t), (weight.t(), grad), (grad, batch_t.t())):
-        exact = a.double() @ b.double()
-        scale = a.double().abs() @ b.double().abs()
-        if ((matmul(a, b).double() - exact).abs() / scale).mean() > 1e-7:
-            return False
-    return True
+    pairs = ((weight, batch_t), (weight.t(), grad), (grad, batch_t.t()))
+    return all(float32_relative_error(matmul(a, b), a, b) <= 1e-7 for a, b in pairs)
 
 
 def choose_cpu_matmul(choice: str | None = None) -> str:
@@ -61,14 +76,13 @@ def choose_cpu_matmul(choice: str | None = None) -> str:
     choice = choice or os.environ.get("SDA_CPU_MATMUL", "auto")
     if choice not in CPU_MATMUL_CHOICES:
         raise ValueError(f"SDA_CPU_MATMUL must be one of {CPU_MATMUL_CHOICES}, got {choice!r}")
-    torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+    set_cpu_matmul("blas")
     if choice == "blas" or not torch.backends.mkldnn.is_available():
         return "blas"
-    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
-    if float32_products_are_exact():
-        return "onednn"
-    torch.backends.mkldnn.matmul.fp32_precision = "ieee"
-    return "blas"
+    set_cpu_matmul("onednn")
+    if not float32_products_are_exact():
+        set_cpu_matmul("blas")
+    return cpu_matmul()
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:

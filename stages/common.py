@@ -12,7 +12,7 @@ import torch
 
 from sda.artifacts import load_split
 from sda.data import DataSourceError
-from sda.device import choose_cpu_matmul, make_generator, resolve_device, set_cpu_threads
+from sda.device import choose_cpu_matmul, cpu_matmul, make_generator, resolve_device, set_cpu_threads
 from sda.pretrain import DivergenceError
 from stages.params import ParamsError
 
@@ -41,7 +41,7 @@ def describe_device(device: torch.device) -> str:
     """Where the stage computes, for its log: ``cpu (2 threads, float32 products by oneDNN)``."""
     if device.type != "cpu":
         return str(device)
-    library = "oneDNN" if torch.backends.mkldnn.matmul.fp32_precision == "bf16" else "torch's BLAS"
+    library = {"onednn": "oneDNN", "blas": "torch's BLAS"}[cpu_matmul()]
     threads = torch.get_num_threads()
     return f"cpu ({threads} thread{'s' * (threads != 1)}, float32 products by {library})"
 

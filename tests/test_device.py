@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sda.dae import DenoisingAutoencoder
-from sda.device import choose_cpu_matmul, float32_products_are_exact
+from sda.device import choose_cpu_matmul, float32_products_are_exact, float32_relative_error
 from tests.conftest import ROOT
 
 
@@ -28,11 +28,6 @@ def test_the_exactness_check_refuses_products_narrower_than_float32():
     assert not float32_products_are_exact(lambda a, b: split_into_two_bfloat16(a) @ split_into_two_bfloat16(b))
 
 
-def relative_error(product: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
-    exact = a.double() @ b.double()
-    return ((product.double() - exact).abs() / (a.double().abs() @ b.double().abs())).mean().item()
-
-
 @pytest.mark.parametrize("choice", ["auto", "blas"])
 def test_after_the_choice_products_of_the_training_shapes_are_float32_exact(choice, restore_cpu_matmul):
     library = choose_cpu_matmul(choice)
@@ -42,7 +37,7 @@ def test_after_the_choice_products_of_the_training_shapes_are_float32_exact(choi
     weight, batch_t = torch.randn(1000, 784, generator=g), torch.rand(784, 32, generator=g)
     grad_t = torch.randn(784, 32, generator=g)
     for a, b in ((weight, batch_t), (weight, grad_t), (weight.t(), torch.randn(1000, 20, generator=g))):
-        assert relative_error(a @ b, a, b) < 1e-7
+        assert float32_relative_error(a @ b, a, b) < 1e-7
     # The rank-32 update accumulated into W in place, as sgd_step does.
     code_t = torch.rand(1000, 32, generator=g)
     updated = weight.clone().addmm_(code_t, grad_t.t(), alpha=-0.1)
