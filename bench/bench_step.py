@@ -6,19 +6,25 @@ step of the default 784-1000-1000-1000-10 network (batch 20), written each way t
   pretraining
     autograd + torch.optim.SGD        the step before the change (loss.backward(), optimizer.step())
     written out, batch-major          analytic tied-weight gradient accumulated straight into W
-    + vectorised loss value           cross_entropy_value instead of binary_cross_entropy_with_logits
-    + feature-major                   DenoisingAutoencoder.sgd_step: activations units x batch
-    + oneDNN products (ours)          the same, float32 products by oneDNN instead of torch's BLAS
+    + vectorised loss value           exp/log of the logits instead of binary_cross_entropy_with_logits
+    + feature-major                   activations units x batch
+    + oneDNN products                 the same, float32 products by oneDNN instead of torch's BLAS
                                       (sda.device.choose_cpu_matmul; CPU only, where exact)
-    fixed masking, torch.topk         the masking before: k smallest of fresh scores by torch.topk
-    fixed masking (ours)              MaskingNoise(nu, "fixed"): numpy partition on the CPU
+    + decoder output batch-major ...  DenoisingAutoencoder.sgd_step: the decoder's output batch-major,
+                                      the loss from one log of max(z, 1 - z), the sigmoid derivative
+                                      by one kernel (on oneDNN where the rows above are)
+    fixed masking, torch.topk         k smallest of fresh float scores by torch.topk
+    fixed masking, numpy partition    the same float scores, the k-th smallest found by numpy
+    fixed masking (ours)              MaskingNoise(nu, "fixed"): int32 scores, numpy partition
   fine-tuning
     autograd + torch.optim.SGD
-    written out, feature-major        StackedClassifier.sgd_step
-    + oneDNN products (ours)
+    written out, feature-major        the gradient written out, activations units x batch
+    + oneDNN products                 the same on oneDNN
+    + batch-major (ours)              StackedClassifier.sgd_step: activations batch x units
 
 Variants are interleaved over --rounds rounds and the median ms/step is printed, so drift of the
-machine's speed hits every variant alike. Every row but the oneDNN ones runs on torch's BLAS.
+machine's speed hits every variant alike. The rows above the oneDNN ones run on torch's BLAS, ours on the
+library the stages choose.
 Usage: python bench/bench_step.py [--rounds 7] [--device auto]
 """
 
@@ -33,9 +39,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sda.dae import DenoisingAutoencoder, cross_entropy_value, reconstruction_cross_entropy  # noqa: E402
+from sda.dae import DenoisingAutoencoder, reconstruction_cross_entropy  # noqa: E402
 from sda.device import choose_cpu_matmul, resolve_device, set_cpu_matmul, set_cpu_threads  # noqa: E402
-from sda.noise import MaskingNoise  # noqa: E402
+from sda.noise import MaskingNoise, _mask_k_smallest_on_cpu  # noqa: E402
 from sda.stacked import StackedClassifier, negative_log_likelihood  # noqa: E402
 
 
@@ -51,12 +57,18 @@ def autograd_pretrain_step(dae, optimizer):
 
 
 @torch.no_grad()
+def exp_log_cross_entropy_value(logits, target):
+    """The summed cross-entropy as the step computed it before: stable, six passes, exp and log."""
+    return logits.clamp(min=0).sum() + logits.abs().neg_().exp_().add_(1.0).log_().sum() - (target * logits).sum()
+
+
+@torch.no_grad()
 def batch_major_step(dae, corrupted, clean, lr, fast_loss):
     batch = clean.shape[0]
     weight, hidden_bias, visible_bias = dae.weight, dae.hidden_bias, dae.visible_bias
     code = torch.addmm(hidden_bias, corrupted, weight.t()).sigmoid_()
     logits = torch.addmm(visible_bias, code, weight)
-    loss = cross_entropy_value(logits, clean) / batch if fast_loss else reconstruction_cross_entropy(logits, clean)
+    loss = exp_log_cross_entropy_value(logits, clean) / batch if fast_loss else reconstruction_cross_entropy(logits, clean)
     grad_logits = logits.sigmoid_().sub_(clean).div_(batch)
     grad_pre = torch.mm(grad_logits, weight.t()).mul_(code * (1.0 - code))
     visible_bias.sub_(grad_logits.sum(dim=0), alpha=lr)
@@ -66,15 +78,61 @@ def batch_major_step(dae, corrupted, clean, lr, fast_loss):
     return loss
 
 
-def topk_masking(nu, generator):
-    """MaskingNoise(nu, "fixed") as it was before numpy's argpartition took over on the CPU."""
+@torch.no_grad()
+def feature_major_step(dae, corrupted, clean, lr):
+    """DenoisingAutoencoder.sgd_step before the decoder's output went batch-major."""
+    batch = clean.shape[0]
+    weight, hidden_bias, visible_bias = dae.weight, dae.hidden_bias, dae.visible_bias
+    corrupted_t, clean_t = corrupted.t(), clean.t()
+    code_t = torch.addmm(hidden_bias.unsqueeze(1), weight, corrupted_t).sigmoid_()
+    logits_t = torch.addmm(visible_bias.unsqueeze(1), weight.t(), code_t)
+    loss = exp_log_cross_entropy_value(logits_t, clean_t) / batch
+    grad_logits_t = logits_t.sigmoid_().sub_(clean_t).div_(batch)
+    grad_pre_t = torch.mm(weight, grad_logits_t).mul_(code_t * (1.0 - code_t))
+    visible_bias.sub_(grad_logits_t.sum(dim=1), alpha=lr)
+    hidden_bias.sub_(grad_pre_t.sum(dim=1), alpha=lr)
+    weight.addmm_(code_t, grad_logits_t.t(), alpha=-lr)
+    weight.addmm_(grad_pre_t, corrupted, alpha=-lr)
+    return loss
+
+
+def float_score_masking(nu, generator, select):
+    """MaskingNoise(nu, "fixed") on float scores, selected by torch.topk or (as before) numpy."""
 
     def mask(x):
         scores = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         k = MaskingNoise(nu, "fixed").masked_count(x.shape[1])
+        if select == "numpy":
+            return _mask_k_smallest_on_cpu(x, scores, k)
         return x.scatter(1, torch.topk(scores, k, dim=1, largest=False, sorted=False).indices, 0.0)
 
     return mask
+
+
+@torch.no_grad()
+def feature_major_finetune_step(model, x, y, lr):
+    """StackedClassifier.sgd_step (without momentum) before its activations went batch-major."""
+    batch = x.shape[0]
+    codes_t = [x.t()]
+    for linear in model.encoders:
+        codes_t.append(torch.addmm(linear.bias.unsqueeze(1), linear.weight, codes_t[-1]).sigmoid_())
+    logits_t = torch.addmm(model.output.bias.unsqueeze(1), model.output.weight, codes_t[-1])
+    log_probs_t = torch.log_softmax(logits_t, dim=0)
+    picked = log_probs_t.gather(0, y.unsqueeze(0))
+    loss = -picked.sum() / batch
+    mistakes = (logits_t.argmax(dim=0) != y).sum()
+    grad_t = log_probs_t.exp_().scatter_add_(0, y.unsqueeze(0), torch.full_like(picked, -1.0)).div_(batch)
+    layers = [*model.encoders, model.output]
+    for depth in range(len(layers) - 1, -1, -1):
+        linear, below_t = layers[depth], codes_t[depth]
+        grad_below_t = None
+        if depth:
+            below = below_t.t()
+            grad_below_t = torch.mm(grad_t.t(), linear.weight).mul_(below * (1.0 - below)).t()
+        linear.weight.addmm_(grad_t, below_t.t(), alpha=-lr)
+        linear.bias.sub_(grad_t.sum(dim=1), alpha=lr)
+        grad_t = grad_below_t
+    return loss, mistakes
 
 
 def autograd_finetune_step(model, optimizer):
@@ -125,11 +183,13 @@ def report(title: str, medians: dict[str, float]) -> None:
     for name, ms in medians.items():
         # Masking rows are costs to compare with each other, not variants of the step.
         if name.startswith("fixed masking"):
-            speedup = f"{masking_before / ms:>8.2f}x" if "ours" in name else ""
-            masking_before = ms
+            if "torch.topk" in name:
+                masking_topk, speedup = ms, ""
+            else:
+                speedup = f"{masking_topk / ms:>8.2f}x"
         else:
             speedup = f"{first / ms:>8.2f}x"
-        print(f"  {name:<36}{ms:>8.3f} ms/step{speedup}")
+        print(f"  {name:<46}{ms:>8.3f} ms/step{speedup}")
 
 
 def main() -> None:
@@ -143,24 +203,26 @@ def main() -> None:
     onednn = device.type == "cpu" and choose_cpu_matmul() == "onednn"
     g = torch.Generator(device=device).manual_seed(0)
     print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {threads} torch threads, device {device}; "
-          f"median of {args.rounds} interleaved rounds of {args.steps} steps; last column: speed-up over the first row (ours masking: over torch.topk)")
+          f"median of {args.rounds} interleaved rounds of {args.steps} steps; last column: speed-up over the first row (masking rows: over torch.topk)")
 
     for n_in, nu in ((784, 0.1), (1000, 0.3)):
         batch, lr = 32, 0.1
         codes = torch.rand(args.steps * batch, n_in, generator=g, device=device)
         noise = MaskingNoise(nu, "fixed")
         batches = [(noise(c, g), c, lr) for c in codes.split(batch)]
-        daes = [DenoisingAutoencoder(n_in, 1000, torch.Generator().manual_seed(1)).to(device) for _ in range(5)]
+        daes = [DenoisingAutoencoder(n_in, 1000, torch.Generator().manual_seed(1)).to(device) for _ in range(6)]
         variants = {
             "autograd + torch.optim.SGD": autograd_pretrain_step(daes[0], torch.optim.SGD(daes[0].parameters(), lr=lr)),
             "written out, batch-major": lambda c, x, lr: batch_major_step(daes[1], c, x, lr, fast_loss=False),
             "+ vectorised loss value": lambda c, x, lr: batch_major_step(daes[2], c, x, lr, fast_loss=True),
-            "+ feature-major" + ("" if onednn else " (ours)"): daes[3].sgd_step,
-            **({"+ oneDNN products (ours)": on("onednn", daes[4].sgd_step)} if onednn else {}),
-            f"fixed masking, nu={nu}, torch.topk": lambda c, x, lr, before=topk_masking(nu, g): before(x),
+            "+ feature-major": lambda c, x, lr: feature_major_step(daes[3], c, x, lr),
+            **({"+ oneDNN products": on("onednn", lambda c, x, lr: feature_major_step(daes[4], c, x, lr))} if onednn else {}),
+            "+ decoder output batch-major, one log (ours)": on("onednn" if onednn else "blas", daes[5].sgd_step),
+            f"fixed masking, nu={nu}, torch.topk": lambda c, x, lr, before=float_score_masking(nu, g, "topk"): before(x),
+            **({f"fixed masking, nu={nu}, numpy partition": lambda c, x, lr, before=float_score_masking(nu, g, "numpy"): before(x)} if device.type == "cpu" else {}),
             f"fixed masking, nu={nu} (ours)": lambda c, x, lr: noise(x, g),
         }
-        variants = {name: fn if "oneDNN" in name else on("blas", fn) for name, fn in variants.items()}
+        variants = {name: fn if "oneDNN" in name or "(ours)" in name else on("blas", fn) for name, fn in variants.items()}
         report(f"pretraining step {n_in} -> 1000, batch {batch}", compare(variants, batches, device, args.rounds))
 
     batch, lr = 20, 2.0
@@ -169,13 +231,14 @@ def main() -> None:
     batches = [(xb, yb, lr) for xb, yb in zip(x.split(batch), y.split(batch))]
     daes = [DenoisingAutoencoder(a, 1000, torch.Generator().manual_seed(1)) for a in (784, 1000, 1000)]
     reference = StackedClassifier.from_autoencoders(daes, 10).to(device)
-    written_out, ours = (StackedClassifier.from_autoencoders(daes, 10).to(device) for _ in range(2))
+    written_out, on_onednn, ours = (StackedClassifier.from_autoencoders(daes, 10).to(device) for _ in range(3))
     variants = {
         "autograd + torch.optim.SGD": autograd_finetune_step(reference, torch.optim.SGD(reference.parameters(), lr=lr)),
-        "written out, feature-major" + ("" if onednn else " (ours)"): lambda x, y, lr: written_out.sgd_step(x, y, lr),
-        **({"+ oneDNN products (ours)": on("onednn", lambda x, y, lr: ours.sgd_step(x, y, lr))} if onednn else {}),
+        "written out, feature-major": lambda x, y, lr: feature_major_finetune_step(written_out, x, y, lr),
+        **({"+ oneDNN products": on("onednn", lambda x, y, lr: feature_major_finetune_step(on_onednn, x, y, lr))} if onednn else {}),
+        "+ batch-major (ours)": on("onednn" if onednn else "blas", lambda x, y, lr: ours.sgd_step(x, y, lr)),
     }
-    variants = {name: fn if "oneDNN" in name else on("blas", fn) for name, fn in variants.items()}
+    variants = {name: fn if "oneDNN" in name or "(ours)" in name else on("blas", fn) for name, fn in variants.items()}
     report(f"fine-tuning step 784-1000-1000-1000-10, batch {batch}", compare(variants, batches, device, args.rounds))
 
 

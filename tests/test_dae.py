@@ -3,7 +3,7 @@ import math
 import numpy as np
 import torch
 
-from sda.dae import DenoisingAutoencoder, cross_entropy_value, reconstruction_cross_entropy
+from sda.dae import DenoisingAutoencoder, cross_entropy_value_and_reconstruction, reconstruction_cross_entropy
 from sda.data import load_digits
 from sda.noise import MaskingNoise
 from sda.pretrain import pretrain_layer, reconstruction_loss
@@ -36,9 +36,10 @@ def test_fast_loss_value_matches_the_reference_even_saturated():
     logits = torch.cat([torch.randn(6, 50, generator=g) * 8, torch.tensor([[1e4, -1e4, 0.0] * 16 + [30.0, -30.0]])])
     target = torch.rand(7, 50, generator=g)
     expected = reconstruction_cross_entropy(logits.double(), target.double()) * 7
-    got = cross_entropy_value(logits, target)
+    got, reconstruction = cross_entropy_value_and_reconstruction(logits.clone(), target)
     assert torch.isfinite(got)
     assert math.isclose(got.item(), expected.item(), rel_tol=1e-5)
+    assert torch.equal(reconstruction, torch.sigmoid(logits))
 
 
 def test_sgd_step_is_the_autograd_sgd_step():

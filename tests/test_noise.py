@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sda.noise import MaskingNoise, _mask_k_smallest_on_cpu
+from sda.noise import MaskingNoise, _mask_k_smallest_on_cpu, random_int32_scores
 
 
 def batch(n=64, d=784, seed=0):
@@ -61,13 +61,15 @@ def test_invalid_settings_are_refused(nu, mode):
         MaskingNoise(nu, mode)
 
 
-def test_fixed_masks_the_k_smallest_of_fresh_uniform_scores():
+@pytest.mark.parametrize("d", [1000, 783])
+def test_fixed_masks_the_k_smallest_of_fresh_uniform_scores(d):
     # The CPU path selects with numpy's partition; it must pick the same set topk would.
-    x = batch(n=200, d=1000)
+    x = batch(n=200, d=d)
     noise = MaskingNoise(0.3, "fixed")
     out = noise(x, torch.Generator().manual_seed(5))
-    scores = torch.rand(x.shape, generator=torch.Generator().manual_seed(5))
-    expected = torch.ones_like(x, dtype=torch.bool).scatter(1, scores.topk(300, dim=1, largest=False).indices, False)
+    scores = random_int32_scores(x.shape, torch.Generator().manual_seed(5))
+    assert scores.shape == x.shape and scores.dtype == torch.int32
+    expected = torch.ones_like(x, dtype=torch.bool).scatter(1, scores.topk(round(0.3 * d), dim=1, largest=False).indices, False)
     assert torch.equal(out != 0, expected)
 
 
