@@ -89,3 +89,12 @@ def test_a_tie_at_the_kth_smallest_score_still_masks_exactly_k():
     assert (out == 0).sum(dim=1).tolist() == [2, 2]
     assert out[0, 0] == 0 and out[0, 3] == 1 and out[0, 1:3].sum() == 1
     assert out[1].tolist() == [1.0, 0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_fixed_masking_keeps_the_input_dtype(dtype):
+    x = batch(n=8, d=20).to(dtype)
+    out = MaskingNoise(0.3, "fixed")(x, torch.Generator().manual_seed(8))
+    assert out.dtype == dtype
+    assert torch.all((out == 0).sum(dim=1) == 6)
+    assert torch.equal(out[out != 0], x[out != 0])
