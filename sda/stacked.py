@@ -70,7 +70,7 @@ class StackedClassifier(nn.Module):
         mistakes = (logits.argmax(dim=1) != y).sum()
         grad = log_probs.exp_().scatter_add_(1, y.unsqueeze(1), torch.full_like(picked, -1.0))
 
-        step = 1.0 / batch
+        inverse_batch = 1.0 / batch
         layers = [*self.encoders, self.output]
         buffers = iter(reversed(velocity)) if momentum else None
         for depth in range(len(layers) - 1, -1, -1):
@@ -79,13 +79,13 @@ class StackedClassifier(nn.Module):
             grad_below = torch.ops.aten.sigmoid_backward(torch.mm(grad, linear.weight), below) if depth else None
             if momentum:
                 bias_velocity, weight_velocity = next(buffers), next(buffers)
-                weight_velocity.mul_(momentum).addmm_(grad.t(), below, alpha=step)
-                bias_velocity.mul_(momentum).add_(grad.sum(dim=0), alpha=step)
+                weight_velocity.mul_(momentum).addmm_(grad.t(), below, alpha=inverse_batch)
+                bias_velocity.mul_(momentum).add_(grad.sum(dim=0), alpha=inverse_batch)
                 linear.weight.sub_(weight_velocity, alpha=lr)
                 linear.bias.sub_(bias_velocity, alpha=lr)
             else:
-                linear.weight.addmm_(grad.t(), below, alpha=-lr * step)
-                linear.bias.sub_(grad.sum(dim=0), alpha=lr * step)
+                linear.weight.addmm_(grad.t(), below, alpha=-lr * inverse_batch)
+                linear.bias.sub_(grad.sum(dim=0), alpha=lr * inverse_batch)
             grad = grad_below
         return loss, mistakes
 
