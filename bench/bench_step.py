@@ -10,17 +10,23 @@ step of the default 784-1000-1000-1000-10 network (batch 20), written each way t
     + feature-major                   activations units x batch
     + oneDNN products                 the same, float32 products by oneDNN instead of torch's BLAS
                                       (sda.device.choose_cpu_matmul; CPU only, where exact)
-    + decoder output batch-major ...  DenoisingAutoencoder.sgd_step: the decoder's output batch-major,
-                                      the loss from one log of max(z, 1 - z), the sigmoid derivative
-                                      by one kernel (on oneDNN where the rows above are)
+    + decoder output batch-major ...  the decoder's output batch-major, the loss from one log of
+                                      max(z, 1 - z), the sigmoid derivative by one kernel (on oneDNN
+                                      where the rows above are)
+    + loss in one C kernel (ours)     DenoisingAutoencoder.sgd_step: loss, output gradient and its
+                                      sums in one pass of sda/kernels.c (where it builds)
     fixed masking, torch.topk         k smallest of fresh float scores by torch.topk
     fixed masking, numpy partition    the same float scores, the k-th smallest found by numpy
-    fixed masking (ours)              MaskingNoise(nu, "fixed"): int32 scores, numpy partition
+    fixed masking, int32 scores       int32 scores, numpy partition
+    fixed masking (ours)              MaskingNoise(nu, "fixed"): k 32-bit draws per row, a partial
+                                      Fisher-Yates shuffle in C (where it builds)
   fine-tuning
     autograd + torch.optim.SGD
     written out, feature-major        the gradient written out, activations units x batch
     + oneDNN products                 the same on oneDNN
-    + batch-major (ours)              StackedClassifier.sgd_step: activations batch x units
+    + batch-major                     activations batch x units
+    + softmax layer in one C kernel   StackedClassifier.sgd_step: the softmax layer's loss, mistakes
+      (ours)                          and gradient in one C call (where it builds)
 
 Variants are interleaved over --rounds rounds and the median ms/step is printed, so drift of the
 machine's speed hits every variant alike. The rows above the oneDNN ones run on torch's BLAS, ours on the
@@ -35,13 +41,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sda.dae import DenoisingAutoencoder, reconstruction_cross_entropy  # noqa: E402
+from sda.dae import DenoisingAutoencoder, cross_entropy_value_and_reconstruction, reconstruction_cross_entropy  # noqa: E402
 from sda.device import choose_cpu_matmul, resolve_device, set_cpu_matmul, set_cpu_threads  # noqa: E402
-from sda.noise import MaskingNoise, _mask_k_smallest_on_cpu  # noqa: E402
+from sda.noise import MaskingNoise, uniform_int32  # noqa: E402
 from sda.stacked import StackedClassifier, negative_log_likelihood  # noqa: E402
 
 
@@ -96,15 +103,41 @@ def feature_major_step(dae, corrupted, clean, lr):
     return loss
 
 
-def float_score_masking(nu, generator, select):
-    """MaskingNoise(nu, "fixed") on float scores, selected by torch.topk or (as before) numpy."""
+@torch.no_grad()
+def torch_ops_step(dae, corrupted, clean, lr):
+    """DenoisingAutoencoder.sgd_step before its loss and output gradient went into one C kernel."""
+    step = lr / clean.shape[0]
+    weight, hidden_bias, visible_bias = dae.weight, dae.hidden_bias, dae.visible_bias
+    code_t = torch.addmm(hidden_bias.unsqueeze(1), weight, corrupted.t()).sigmoid_()
+    logits = torch.addmm(visible_bias, code_t.t(), weight)
+    loss, reconstruction = cross_entropy_value_and_reconstruction(logits, clean)
+    grad_logits = reconstruction.sub_(clean)
+    grad_pre_t = torch.ops.aten.sigmoid_backward(torch.mm(weight, grad_logits.t()), code_t)
+    visible_bias.sub_(grad_logits.sum(dim=0), alpha=step)
+    hidden_bias.sub_(grad_pre_t.sum(dim=1), alpha=step)
+    weight.addmm_(code_t, grad_logits, alpha=-step)
+    weight.addmm_(grad_pre_t, corrupted, alpha=-step)
+    return loss / clean.shape[0]
+
+
+def numpy_partition_mask(x, scores, k):
+    """x with each row's k smallest-scored components zeroed, the k-th smallest found by numpy (no tie check)."""
+    u = scores.numpy()
+    keep = u > np.partition(u, k - 1, axis=1)[:, k - 1 : k]
+    return x * torch.from_numpy(keep.astype(np.float32)).to(x.dtype)
+
+
+def score_masking(nu, generator, scores):
+    """MaskingNoise(nu, "fixed") as it was: float scores by torch.topk or numpy, or int32 scores by numpy."""
 
     def mask(x):
-        scores = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         k = MaskingNoise(nu, "fixed").masked_count(x.shape[1])
-        if select == "numpy":
-            return _mask_k_smallest_on_cpu(x, scores, k)
-        return x.scatter(1, torch.topk(scores, k, dim=1, largest=False, sorted=False).indices, 0.0)
+        if scores == "int32":
+            return numpy_partition_mask(x, uniform_int32(x.numel(), generator).view(x.shape), k)
+        uniform = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if scores == "float, numpy":
+            return numpy_partition_mask(x, uniform, k)
+        return x.scatter(1, torch.topk(uniform, k, dim=1, largest=False, sorted=False).indices, 0.0)
 
     return mask
 
@@ -144,6 +177,29 @@ def autograd_finetune_step(model, optimizer):
         return loss.detach()
 
     return step
+
+
+@torch.no_grad()
+def torch_ops_finetune_step(model, x, y, lr):
+    """StackedClassifier.sgd_step (without momentum) before its softmax layer went into one C call."""
+    batch = x.shape[0]
+    codes = [x]
+    for linear in model.encoders:
+        codes.append(torch.addmm(linear.bias, codes[-1], linear.weight.t()).sigmoid_())
+    logits = torch.addmm(model.output.bias, codes[-1], model.output.weight.t())
+    log_probs = torch.log_softmax(logits, dim=1)
+    picked = log_probs.gather(1, y.unsqueeze(1))
+    loss = -picked.sum() / batch
+    mistakes = (logits.argmax(dim=1) != y).sum()
+    grad = log_probs.exp_().scatter_add_(1, y.unsqueeze(1), torch.full_like(picked, -1.0))
+    layers = [*model.encoders, model.output]
+    for depth in range(len(layers) - 1, -1, -1):
+        linear, below = layers[depth], codes[depth]
+        grad_below = torch.ops.aten.sigmoid_backward(torch.mm(grad, linear.weight), below) if depth else None
+        linear.weight.addmm_(grad.t(), below, alpha=-lr / batch)
+        linear.bias.sub_(grad.sum(dim=0), alpha=lr / batch)
+        grad = grad_below
+    return loss, mistakes
 
 
 def on(library: str, fn):
@@ -210,16 +266,19 @@ def main() -> None:
         codes = torch.rand(args.steps * batch, n_in, generator=g, device=device)
         noise = MaskingNoise(nu, "fixed")
         batches = [(noise(c, g), c, lr) for c in codes.split(batch)]
-        daes = [DenoisingAutoencoder(n_in, 1000, torch.Generator().manual_seed(1)).to(device) for _ in range(6)]
+        daes = [DenoisingAutoencoder(n_in, 1000, torch.Generator().manual_seed(1)).to(device) for _ in range(7)]
         variants = {
             "autograd + torch.optim.SGD": autograd_pretrain_step(daes[0], torch.optim.SGD(daes[0].parameters(), lr=lr)),
             "written out, batch-major": lambda c, x, lr: batch_major_step(daes[1], c, x, lr, fast_loss=False),
             "+ vectorised loss value": lambda c, x, lr: batch_major_step(daes[2], c, x, lr, fast_loss=True),
             "+ feature-major": lambda c, x, lr: feature_major_step(daes[3], c, x, lr),
             **({"+ oneDNN products": on("onednn", lambda c, x, lr: feature_major_step(daes[4], c, x, lr))} if onednn else {}),
-            "+ decoder output batch-major, one log (ours)": on("onednn" if onednn else "blas", daes[5].sgd_step),
-            f"fixed masking, nu={nu}, torch.topk": lambda c, x, lr, before=float_score_masking(nu, g, "topk"): before(x),
-            **({f"fixed masking, nu={nu}, numpy partition": lambda c, x, lr, before=float_score_masking(nu, g, "numpy"): before(x)} if device.type == "cpu" else {}),
+            "+ decoder output batch-major, one log": on("onednn" if onednn else "blas", lambda c, x, lr: torch_ops_step(daes[5], c, x, lr)),
+            "+ loss in one C kernel (ours)": on("onednn" if onednn else "blas", daes[6].sgd_step),
+            f"fixed masking, nu={nu}, torch.topk": lambda c, x, lr, before=score_masking(nu, g, "float, topk"): before(x),
+            **({f"fixed masking, nu={nu}, numpy partition": lambda c, x, lr, before=score_masking(nu, g, "float, numpy"): before(x),
+                f"fixed masking, nu={nu}, int32 scores": lambda c, x, lr, before=score_masking(nu, g, "int32"): before(x)}
+               if device.type == "cpu" else {}),
             f"fixed masking, nu={nu} (ours)": lambda c, x, lr: noise(x, g),
         }
         variants = {name: fn if "oneDNN" in name or "(ours)" in name else on("blas", fn) for name, fn in variants.items()}
@@ -231,12 +290,13 @@ def main() -> None:
     batches = [(xb, yb, lr) for xb, yb in zip(x.split(batch), y.split(batch))]
     daes = [DenoisingAutoencoder(a, 1000, torch.Generator().manual_seed(1)) for a in (784, 1000, 1000)]
     reference = StackedClassifier.from_autoencoders(daes, 10).to(device)
-    written_out, on_onednn, ours = (StackedClassifier.from_autoencoders(daes, 10).to(device) for _ in range(3))
+    written_out, on_onednn, torch_ops, ours = (StackedClassifier.from_autoencoders(daes, 10).to(device) for _ in range(4))
     variants = {
         "autograd + torch.optim.SGD": autograd_finetune_step(reference, torch.optim.SGD(reference.parameters(), lr=lr)),
         "written out, feature-major": lambda x, y, lr: feature_major_finetune_step(written_out, x, y, lr),
         **({"+ oneDNN products": on("onednn", lambda x, y, lr: feature_major_finetune_step(on_onednn, x, y, lr))} if onednn else {}),
-        "+ batch-major (ours)": on("onednn" if onednn else "blas", lambda x, y, lr: ours.sgd_step(x, y, lr)),
+        "+ batch-major": on("onednn" if onednn else "blas", lambda x, y, lr: torch_ops_finetune_step(torch_ops, x, y, lr)),
+        "+ softmax layer in one C kernel (ours)": on("onednn" if onednn else "blas", lambda x, y, lr: ours.sgd_step(x, y, lr)),
     }
     variants = {name: fn if "oneDNN" in name or "(ours)" in name else on("blas", fn) for name, fn in variants.items()}
     report(f"fine-tuning step 784-1000-1000-1000-10, batch {batch}", compare(variants, batches, device, args.rounds))

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sda.native import cpu_kernels
+
 
 def reconstruction_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """L(x, z) = -sum_k [x_k log z_k + (1 - x_k) log(1 - z_k)] with z = sigmoid(logits).
@@ -80,16 +82,23 @@ class DenoisingAutoencoder(nn.Module):
         ever written: five matrix products, the fewest the step needs; 1/B is folded into the step
         size. The code is held feature-major (units x batch), the decoder's output batch-major like
         the input: with a batch of 32 that is the layout oneDNN runs fastest overall, and the loss
-        and output gradient then read the clean batch contiguously (bench/README.md).
+        and output gradient then read the clean batch contiguously (bench/README.md). On the CPU
+        in float32 the loss, dL/da and its sums are one C kernel (sda/native.py).
         """
         step = lr / clean.shape[0]
         weight, hidden_bias, visible_bias = self.weight, self.hidden_bias, self.visible_bias
         code_t = torch.addmm(hidden_bias.unsqueeze(1), weight, corrupted.t()).sigmoid_()
         logits = torch.addmm(visible_bias, code_t.t(), weight)
-        loss, reconstruction = cross_entropy_value_and_reconstruction(logits, clean)
-        grad_logits = reconstruction.sub_(clean)  # B dL/da
+        kernels = cpu_kernels(logits, clean)
+        if kernels is not None:  # one fused pass (sda/kernels.c) instead of a dozen torch ops
+            loss, visible_grad = kernels.cross_entropy_and_output_grad(logits, clean)
+            loss, grad_logits = torch.tensor(loss, dtype=clean.dtype), logits  # B dL/da, in place
+        else:
+            loss, reconstruction = cross_entropy_value_and_reconstruction(logits, clean)
+            grad_logits = reconstruction.sub_(clean)  # B dL/da
+            visible_grad = grad_logits.sum(dim=0)
         grad_pre_t = torch.ops.aten.sigmoid_backward(torch.mm(weight, grad_logits.t()), code_t)
-        visible_bias.sub_(grad_logits.sum(dim=0), alpha=step)
+        visible_bias.sub_(visible_grad, alpha=step)
         hidden_bias.sub_(grad_pre_t.sum(dim=1), alpha=step)
         weight.addmm_(code_t, grad_logits, alpha=-step)
         weight.addmm_(grad_pre_t, corrupted, alpha=-step)

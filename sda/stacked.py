@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sda.dae import DenoisingAutoencoder
+from sda.native import cpu_kernels
 
 
 class StackedClassifier(nn.Module):
@@ -56,7 +57,8 @@ class StackedClassifier(nn.Module):
         gradient is accumulated straight into each weight. Autograd is bypassed: at batch 20 its
         bookkeeping costs more than the matrix products. Activations are batch-major, the layout in
         which oneDNN runs this step's products fastest at batch 20 (bench/README.md); the gradient
-        is carried as B times dL/dlogits and 1/B folded into the step size.
+        is carried as B times dL/dlogits and 1/B folded into the step size; on the CPU in float32
+        the softmax layer's loss and gradient are one C kernel (sda/native.py).
         tests/test_stacked.py checks it against autograd and the optimizer.
         """
         batch = x.shape[0]
@@ -64,11 +66,16 @@ class StackedClassifier(nn.Module):
         for linear in self.encoders:
             codes.append(torch.addmm(linear.bias, codes[-1], linear.weight.t()).sigmoid_())
         logits = torch.addmm(self.output.bias, codes[-1], self.output.weight.t())
-        log_probs = torch.log_softmax(logits, dim=1)
-        picked = log_probs.gather(1, y.unsqueeze(1))
-        loss = -picked.sum() / batch
-        mistakes = (logits.argmax(dim=1) != y).sum()
-        grad = log_probs.exp_().scatter_add_(1, y.unsqueeze(1), torch.full_like(picked, -1.0))
+        kernels = cpu_kernels(logits) if y.dtype == torch.int64 and y.is_contiguous() else None
+        if kernels is not None:  # one C call (sda/kernels.c) instead of ten small torch ops
+            total, wrong = kernels.softmax_nll_and_grad(logits, y)
+            loss, mistakes, grad = torch.tensor(total / batch, dtype=x.dtype), torch.tensor(wrong), logits
+        else:
+            log_probs = torch.log_softmax(logits, dim=1)
+            picked = log_probs.gather(1, y.unsqueeze(1))
+            loss = -picked.sum() / batch
+            mistakes = (logits.argmax(dim=1) != y).sum()
+            grad = log_probs.exp_().scatter_add_(1, y.unsqueeze(1), torch.full_like(picked, -1.0))
 
         inverse_batch = 1.0 / batch
         layers = [*self.encoders, self.output]
