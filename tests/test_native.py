@@ -135,11 +135,13 @@ def test_float32_dae_step_through_the_kernels_is_the_autograd_step():
 
 
 @needs_kernels
-def test_float32_finetune_step_through_the_kernel_is_the_autograd_step():
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_float32_finetune_step_through_the_kernel_is_the_autograd_step(momentum):
     daes = [DenoisingAutoencoder(12, 8, torch.Generator().manual_seed(0)), DenoisingAutoencoder(8, 6, torch.Generator().manual_seed(1))]
     reference = StackedClassifier.from_autoencoders(daes, 4).double()
     ours = StackedClassifier.from_autoencoders(daes, 4)
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.3)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.3, momentum=momentum)
+    velocity = ours.momentum_buffers()
     g = torch.Generator().manual_seed(4)
     for _ in range(4):
         x, y = torch.rand(5, 12, generator=g), torch.randint(0, 4, (5,), generator=g)
@@ -148,7 +150,7 @@ def test_float32_finetune_step_through_the_kernel_is_the_autograd_step():
         optimizer.zero_grad()
         expected.backward()
         optimizer.step()
-        loss, mistakes = ours.sgd_step(x, y, 0.3)
+        loss, mistakes = ours.sgd_step(x, y, 0.3, momentum, velocity)
         assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
         assert mistakes.item() == (logits.argmax(dim=1) != y).sum().item()
     for (name, a), b in zip(reference.named_parameters(), ours.parameters()):
