@@ -107,6 +107,13 @@ def cpu_kernels(*tensors: torch.Tensor) -> Kernels | None:
     return built_kernels()
 
 
+def describe_cpu_kernels(device: torch.device) -> str:
+    """For a stage's log, and building the kernels before its progress bars: what runs the elementwise parts."""
+    if device.type != "cpu":
+        return ""
+    return "elementwise parts in C" if built_kernels() else "elementwise parts by torch ops (no C kernels: see the warning)"
+
+
 @cache
 def built_kernels() -> Kernels | None:
     """sda/kernels.c built and loaded once per process, or None (with one warning) where that fails."""
@@ -130,7 +137,8 @@ def built_kernels() -> Kernels | None:
                 except OSError as error:
                     failures.append(f"{' '.join(flags)}: built, but does not load: {error}")
             else:
-                failures.append(f"{' '.join(flags)}: {done.stderr.strip()[-300:]}")
+                output = done.stderr.strip()[-300:] or "no output"
+                failures.append(f"{' '.join(flags)}: exit status {done.returncode}, {output}")
     return _unavailable(f"{compiler!r} failed to build {SOURCE.name}: " + " | ".join(failures))
 
 

@@ -37,13 +37,17 @@ def setup_torch(device_name: str) -> torch.device:
     return resolve_device(device_name)
 
 
-def describe_device(device: torch.device) -> str:
-    """Where the stage computes, for its log: ``cpu (2 threads, float32 products by oneDNN)``."""
+def describe_device(device: torch.device, *more: str) -> str:
+    """Where the stage computes, for its log: ``cpu (2 threads, float32 products by oneDNN, ...)``.
+
+    ``more`` adds CPU details (empty ones are left out).
+    """
     if device.type != "cpu":
         return str(device)
     library = {"onednn": "oneDNN", "blas": "torch's BLAS"}[cpu_matmul()]
     threads = torch.get_num_threads()
-    return f"cpu ({threads} thread{'s' * (threads != 1)}, float32 products by {library})"
+    details = [f"{threads} thread{'s' * (threads != 1)}", f"float32 products by {library}", *filter(None, more)]
+    return f"cpu ({', '.join(details)})"
 
 
 def stage_generator(seed: int, stage: str, device: torch.device) -> torch.Generator:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from sda.artifacts import save_json, save_state, save_text
 from sda.finetune import EarlyStopping, finetune
+from sda.native import describe_cpu_kernels
 from sda.stacked import StackedClassifier
 from stages.common import describe_device, load_splits, run, setup_torch, stage_generator, stage_parser
 from stages.params import PREPARED_DIR, load_params
@@ -31,7 +32,7 @@ def main() -> None:
     n_classes = int(splits["train"][1].max().item()) + 1
     model = StackedClassifier.from_autoencoders(daes, n_classes).to(device)
     stopping = EarlyStopping(ft.patience, ft.patience_increase, ft.improvement_threshold)
-    print(f"finetune: {' -> '.join(map(str, [daes[0].n_visible] + [d.n_hidden for d in daes]))} -> {n_classes} on {describe_device(device)}")
+    print(f"finetune: {' -> '.join(map(str, [daes[0].n_visible] + [d.n_hidden for d in daes]))} -> {n_classes} on {describe_device(device, describe_cpu_kernels(device))}")
 
     started = time.perf_counter()
     result = finetune(

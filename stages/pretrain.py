@@ -13,6 +13,7 @@ import torch
 from sda.artifacts import load_state, save_json, save_split, save_state, save_text
 from sda.dae import DenoisingAutoencoder
 from sda.filters import filter_grid, save_png
+from sda.native import describe_cpu_kernels
 from sda.noise import MaskingNoise
 from sda.pretrain import encode, pretrain_layer, reconstruction_loss
 from stages.common import SPLITS, describe_device, load_splits, run, setup_torch, stage_generator, stage_parser
@@ -50,7 +51,7 @@ def main() -> None:
     # compares corruption levels from the same initialisation. Drawn on the CPU for every device.
     init = torch.Generator().manual_seed(generator.initial_seed())
     dae = DenoisingAutoencoder(x_train.shape[1], layer.units, generator=init).to(device)
-    print(f"{layer.name}: {x_train.shape[1]} -> {layer.units} units, {noise}, {layer.epochs} epochs on {describe_device(device)}", flush=True)
+    print(f"{layer.name}: {x_train.shape[1]} -> {layer.units} units, {noise}, {layer.epochs} epochs on {describe_device(device, describe_cpu_kernels(device))}", flush=True)
 
     started = time.perf_counter()
     losses = pretrain_layer(
