@@ -94,17 +94,21 @@ class Kernels:
         return loss.value, mistakes.value
 
 
+def fits(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the kernels can take ``tensor`` as an array of ``dtype``: on the CPU, contiguous, that dtype."""
+    return tensor.device.type == "cpu" and tensor.dtype == dtype and tensor.is_contiguous()
+
+
 def _check(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> None:
-    if tensor.device.type != "cpu" or tensor.dtype != dtype or not tensor.is_contiguous():
+    if not fits(tensor, dtype):
         raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor, got {tensor.dtype} on {tensor.device}")
 
 
-def cpu_kernels(*tensors: torch.Tensor) -> Kernels | None:
-    """The kernels, if ``tensors`` are all contiguous float32 CPU tensors and the kernels could be built."""
-    for t in tensors:
-        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
-            return None
-    return built_kernels()
+def cpu_kernels(*float32: torch.Tensor, int64: tuple[torch.Tensor, ...] = ()) -> Kernels | None:
+    """The kernels, if ``float32`` and ``int64`` all fit their dtype (``fits``) and the kernels could be built."""
+    if all(fits(t, torch.float32) for t in float32) and all(fits(t, torch.int64) for t in int64):
+        return built_kernels()
+    return None
 
 
 def describe_cpu_kernels(device: torch.device) -> str:

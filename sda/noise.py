@@ -2,7 +2,7 @@
 
 import torch
 
-from sda.native import built_kernels
+from sda.native import built_kernels, fits
 
 MASKING_MODES = ("fixed", "bernoulli")
 
@@ -42,7 +42,7 @@ class MaskingNoise:
         kernels = built_kernels() if x.device.type == "cpu" else None
         if kernels is not None:  # a partial Fisher-Yates shuffle per row, in C (sda/kernels.c)
             positions = kernels.random_subsets(uniform_int32(batch * k, generator).view(batch, k), d)
-            if x.dtype == torch.float32 and x.is_contiguous():
+            if fits(x, torch.float32):
                 return kernels.masked_copy(x, positions)
         else:
             # The k smallest of i.i.d. uniform scores are also a uniform k-subset of each row.
