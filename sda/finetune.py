@@ -9,8 +9,8 @@ import torch
 from tqdm.auto import tqdm
 
 from sda.graphs import replay_as_cuda_graph
-from sda.pretrain import DivergenceError, shuffled_batches
 from sda.stacked import StackedClassifier
+from sda.training import DivergenceError, shuffled_batches
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch
 from sda.artifacts import load_split
 from sda.data import DataSourceError
 from sda.device import choose_cpu_matmul, cpu_matmul, make_generator, resolve_device, set_cpu_threads
-from sda.pretrain import DivergenceError
+from sda.training import DivergenceError
 from stages.params import ParamsError
 
 SPLITS = ("train", "valid", "test")

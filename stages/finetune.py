@@ -8,16 +8,29 @@ curves plots/finetune.csv.
 import time
 from pathlib import Path
 
-from sda.artifacts import save_json, save_state, save_text
+import torch
+
+from sda.artifacts import load_state, save_json, save_state, save_text
+from sda.dae import DenoisingAutoencoder
 from sda.finetune import EarlyStopping, finetune
 from sda.native import describe_cpu_kernels
 from sda.stacked import StackedClassifier
 from stages.common import describe_device, load_splits, run, setup_torch, stage_generator, stage_parser
-from stages.params import PREPARED_DIR, load_params
-from stages.pretrain import load_autoencoder
+from stages.params import PREPARED_DIR, load_params, model_dir
 
 MODEL_PATH = Path("models/finetuned/weights.pt")
 CURVE_COLUMNS = ("epoch", "lr", "train_loss", "train_error", "valid_error")
+
+
+def load_autoencoder(layer: str, device: torch.device) -> DenoisingAutoencoder:
+    path = model_dir(layer) / "weights.pt"
+    state = load_state(path, device)
+    if set(state) != {"weight", "hidden_bias", "visible_bias"}:
+        raise ValueError(f"{path}: not a denoising autoencoder state (keys {sorted(state)})")
+    n_hidden, n_visible = state["weight"].shape
+    dae = DenoisingAutoencoder(n_visible, n_hidden).to(device)
+    dae.load_state_dict(state)
+    return dae
 
 
 def main() -> None:

@@ -20,6 +20,10 @@ def codes_dir(layer: str) -> str:
     return f"data/codes/{layer}"
 
 
+def model_dir(layer: str) -> Path:
+    return Path("models/pretrain") / layer
+
+
 class ParamsError(ValueError):
     """params.yaml is malformed or holds a value out of range."""
 

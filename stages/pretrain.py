@@ -10,29 +10,14 @@ from pathlib import Path
 
 import torch
 
-from sda.artifacts import load_state, save_json, save_split, save_state, save_text
+from sda.artifacts import save_json, save_split, save_state, save_text
 from sda.dae import DenoisingAutoencoder
 from sda.filters import filter_grid, save_png
 from sda.native import describe_cpu_kernels
 from sda.noise import MaskingNoise
 from sda.pretrain import encode, pretrain_layer, reconstruction_loss
 from stages.common import SPLITS, describe_device, load_splits, run, setup_torch, stage_generator, stage_parser
-from stages.params import codes_dir, load_params
-
-
-def model_dir(layer: str) -> Path:
-    return Path("models/pretrain") / layer
-
-
-def load_autoencoder(layer: str, device: torch.device) -> DenoisingAutoencoder:
-    path = model_dir(layer) / "weights.pt"
-    state = load_state(path, device)
-    if set(state) != {"weight", "hidden_bias", "visible_bias"}:
-        raise ValueError(f"{path}: not a denoising autoencoder state (keys {sorted(state)})")
-    n_hidden, n_visible = state["weight"].shape
-    dae = DenoisingAutoencoder(n_visible, n_hidden).to(device)
-    dae.load_state_dict(state)
-    return dae
+from stages.params import codes_dir, load_params, model_dir
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from tests.conftest import ROOT
 PACKAGES = ("sda", "stages")
 NAME_ONLY = {  # (importer, imported): the names imported, and why they cannot change outputs
     ("stages.common", "sda.data"): ({"DataSourceError"}, "caught to print its message"),
-    ("stages.common", "sda.pretrain"): ({"DivergenceError"}, "caught to print its message"),
+    ("stages.common", "sda.training"): ({"DivergenceError"}, "caught to print its message"),
     ("stages.params", "sda.data"): ({"DATASETS"}, "the names data.dataset may take"),
     ("stages.params", "sda.noise"): ({"MASKING_MODES"}, "the names a layer's masking may take"),
     ("stages.evaluate", "stages.finetune"): ({"MODEL_PATH"}, "the models/finetuned path evaluate also declares"),
