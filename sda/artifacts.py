@@ -59,8 +59,10 @@ def load_split(path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def save_state(path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # Through a file object: given a path, torch.save names the archive's folder after the (random)
+    # temporary file, so the same weights got different bytes and DVC a new hash on every run.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
 
 
 def load_state(path, device: torch.device | str = "cpu") -> dict:

@@ -39,6 +39,15 @@ def test_atomic_write_leaves_no_partial_file_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_same_arrays_and_weights_are_saved_as_the_same_bytes(tmp_path):
+    # DVC compares outputs by hash: a stage re-run with the same results must not look changed.
+    for name in ("a", "b"):
+        save_state(tmp_path / name / "weights.pt", {"weight": torch.arange(6.0).reshape(3, 2)})
+        save_split(tmp_path / name / "train.npz", np.ones((3, 2), np.float32), np.arange(3))
+    for file in ("weights.pt", "train.npz"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
+
+
 class Boom:
     def __reduce__(self):
         return (os.system, ("echo pwned",))

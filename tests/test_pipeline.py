@@ -50,12 +50,20 @@ def test_repro_runs_all_then_nothing_then_only_what_a_param_change_touches(pipel
     assert artifacts == {"models/pretrain/layer1/filters.png"}
     assert (repo.path / "mlartifacts").is_dir()
 
+    # A code edit that changes no result re-runs the stages that run that code; fine-tuning, whose
+    # inputs (the pretrained weights) come out byte-identical, is skipped.
+    noise = repo.path / "sda/noise.py"
+    noise.write_text(noise.read_text() + "\n# an edit that changes no result\n")
+    assert repo.repro() == ["pretrain@layer1", "pretrain@layer2", "pretrain@layer3", "evaluate", "track"]
+
 
 def test_same_params_and_seed_give_identical_results(pipeline_repo):
     repo = pipeline_repo
     repo.repro()
-    first = {p: (repo.path / p).read_text() for p in ("metrics/evaluate.json", "plots/finetune.csv", "plots/pretrain/layer2.csv")}
+    outputs = ("metrics/evaluate.json", "plots/finetune.csv", "plots/pretrain/layer2.csv", "models/pretrain/layer2/weights.pt",
+               "data/codes/layer2/train.npz", "models/finetuned/weights.pt")
+    first = {p: (repo.path / p).read_bytes() for p in outputs}
     repo.repro("--force", "--no-run-cache")
-    assert {p: (repo.path / p).read_text() for p in first} == first
+    assert {p: (repo.path / p).read_bytes() for p in first} == first
     _, runs = finished_runs(repo)
     assert len(runs) == 1, "identical results must not be logged to MLflow twice"
