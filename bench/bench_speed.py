@@ -5,7 +5,8 @@ Prints, for the default params' layer sizes and batch sizes on MNIST:
     through each library torch can use here for float32 products (on the CPU: its default BLAS, and
     oneDNN where sda.device.choose_cpu_matmul finds it float32-exact); the faster sets the bound;
   - examples/s of one pretraining epoch per layer and of one fine-tuning epoch, and the ratio to
-    the GEMM-bound rate (FLOPs per example / the faster library's measured FLOP/s);
+    the GEMM-bound rate (FLOPs per example / the faster library's measured FLOP/s); the FLOPs are
+    the dense products', also where ours skip the zeros of MNIST's pixels (the first layer);
   - the same epochs written the common way (a torch DataLoader over a per-item Dataset, lower
     layers recomputed at every step, torch's default settings), and "ours / naive"; on the CPU
     also the naive epochs on oneDNN, so the ratio's two sources (the library, the code) separate;

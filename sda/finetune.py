@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sda.graphs import replay_as_cuda_graph
+from sda.native import sparse_input_layout
 from sda.stacked import StackedClassifier
 from sda.training import DivergenceError, shuffled_batches
 
@@ -83,51 +84,53 @@ def finetune(
     total_loss = torch.zeros((), device=x_train.device, dtype=x_train.dtype)
     mistakes = torch.zeros((), device=x_train.device, dtype=torch.long)
     use_graph = cuda_graph and x_train.device.type == "cuda" and x_train.shape[0] >= batch_size
-    best_state = copy.deepcopy(model.state_dict())
-    result = FinetuneResult(best_epoch=0, best_valid_error=math.inf)
-    progress = tqdm(range(1, max_epochs + 1), desc="finetune", unit="epoch")
-    for epoch in progress:
-        epoch_lr = lr * lr_decay ** (epoch - 1)
-        model.train()
-        total_loss.zero_()
-        mistakes.zero_()
+    # Mostly-zero inputs (MNIST's pixels): the first layer's products from the nonzeros only.
+    with sparse_input_layout(model.encoders[0].weight, x_train):
+        best_state = copy.deepcopy(model.state_dict())
+        result = FinetuneResult(best_epoch=0, best_valid_error=math.inf)
+        progress = tqdm(range(1, max_epochs + 1), desc="finetune", unit="epoch")
+        for epoch in progress:
+            epoch_lr = lr * lr_decay ** (epoch - 1)
+            model.train()
+            total_loss.zero_()
+            mistakes.zero_()
 
-        def step(x: torch.Tensor, y: torch.Tensor) -> None:
-            loss, batch_mistakes = model.sgd_step(x, y, epoch_lr, momentum, velocity)
-            total_loss.add_(loss, alpha=x.shape[0])
-            mistakes.add_(batch_mistakes)
+            def step(x: torch.Tensor, y: torch.Tensor) -> None:
+                loss, batch_mistakes = model.sgd_step(x, y, epoch_lr, momentum, velocity)
+                total_loss.add_(loss, alpha=x.shape[0])
+                mistakes.add_(batch_mistakes)
 
-        full_batch_step = step
-        if use_graph:
-            spare, spare_velocity = copy.deepcopy(model), copy.deepcopy(velocity)
-            example = (x_train[:batch_size], y_train[:batch_size])
-            full_batch_step = replay_as_cuda_graph(
-                step,
-                (example[0].clone(), example[1].clone()),
-                warm_up=lambda: spare.sgd_step(*example, epoch_lr, momentum, spare_velocity),
+            full_batch_step = step
+            if use_graph:
+                spare, spare_velocity = copy.deepcopy(model), copy.deepcopy(velocity)
+                example = (x_train[:batch_size], y_train[:batch_size])
+                full_batch_step = replay_as_cuda_graph(
+                    step,
+                    (example[0].clone(), example[1].clone()),
+                    warm_up=lambda: spare.sgd_step(*example, epoch_lr, momentum, spare_velocity),
+                )
+            for x, y in shuffled_batches((x_train, y_train), batch_size, generator):
+                (full_batch_step if x.shape[0] == batch_size else step)(x, y)
+            train_loss = total_loss.item() / x_train.shape[0]
+            if not math.isfinite(train_loss):
+                raise DivergenceError(f"finetune: training loss became {train_loss} at epoch {epoch} (lr={epoch_lr})")
+            model.eval()
+            record = EpochRecord(
+                epoch=epoch,
+                lr=epoch_lr,
+                train_loss=train_loss,
+                train_error=mistakes.item() / x_train.shape[0],
+                valid_error=model.error_rate(*valid),
             )
-        for x, y in shuffled_batches((x_train, y_train), batch_size, generator):
-            (full_batch_step if x.shape[0] == batch_size else step)(x, y)
-        train_loss = total_loss.item() / x_train.shape[0]
-        if not math.isfinite(train_loss):
-            raise DivergenceError(f"finetune: training loss became {train_loss} at epoch {epoch} (lr={epoch_lr})")
-        model.eval()
-        record = EpochRecord(
-            epoch=epoch,
-            lr=epoch_lr,
-            train_loss=train_loss,
-            train_error=mistakes.item() / x_train.shape[0],
-            valid_error=model.error_rate(*valid),
-        )
-        result.history.append(record)
-        if stopping.update(epoch, record.valid_error):
-            best_state = copy.deepcopy(model.state_dict())
-        progress.set_postfix(valid=f"{record.valid_error:.4f}", best=f"{stopping.best_error:.4f}@{stopping.best_epoch}")
-        if on_epoch is not None:
-            on_epoch(record)
-        if stopping.should_stop(epoch):
-            break
-    model.load_state_dict(best_state)
+            result.history.append(record)
+            if stopping.update(epoch, record.valid_error):
+                best_state = copy.deepcopy(model.state_dict())
+            progress.set_postfix(valid=f"{record.valid_error:.4f}", best=f"{stopping.best_error:.4f}@{stopping.best_epoch}")
+            if on_epoch is not None:
+                on_epoch(record)
+            if stopping.should_stop(epoch):
+                break
+        model.load_state_dict(best_state)
     result.best_epoch, result.best_valid_error = stopping.best_epoch, stopping.best_error
     return result
 

@@ -1,14 +1,20 @@
-/* The CPU training steps' elementwise parts, each fused into one pass (sda/native.py builds this).
+/* The CPU training steps' elementwise parts, each fused into one pass, and the products of a
+ * layer whose input is mostly zeros (sda/native.py builds this).
  *
  * At batch 32 the matrix products leave ~200 us of a ~1 ms pretraining step to a dozen small torch
- * ops, each a separate pass over the batch plus Python's launch cost (bench/README.md). Every
- * function here is single-threaded: its data fits in L1/L2, and a second OpenMP runtime beside
- * torch's would fight it for the two cores. float32, row-major, contiguous arrays only; the
- * Python side checks that before calling.
+ * ops, each a separate pass over the batch plus Python's launch cost (bench/README.md). The
+ * elementwise functions are single-threaded: their data fits in L1/L2. The sparse products split
+ * their columns over OpenMP threads; built with -fopenmp in a process that has imported torch, they
+ * use torch's own libgomp (the same soname, so the loader maps it once) and hence its thread pool
+ * and its torch.set_num_threads. float32, row-major arrays only; the Python side checks that
+ * before calling.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
 /* glibc's vector expf/logf (libmvec, ~4 ulp), declared as such so that the loops below vectorise
@@ -115,4 +121,162 @@ int64_t softmax_nll_and_grad(float *restrict logits, const int64_t *restrict lab
     *loss = total;
     *mistakes = wrong;
     return -1;
+}
+
+/* ---- Products with a mostly-zero input (MNIST pixels: 19% nonzero; masking zeroes more) ----
+ *
+ * A dense product pays for every zero of the input. With the weight stored visible-major (row k
+ * holds the n weights out of input k, rows ld apart), the encoder sum_k x[b,k] W[k,:] and the
+ * encoder's share of the weight update W[k,:] += alpha sum_b x[b,k] g[b,:] need only the nonzero
+ * x[b,k], listed by column. Both work on 128-column strips of W, so that a strip's rows stay in L2
+ * while every listed entry is applied to them, and split the strips over the threads: each output
+ * element is summed by one thread in one order, whatever the number of threads. */
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+#define STRIP 8 /* vectors of 16 columns per strip */
+#define INLINE static inline __attribute__((always_inline))
+
+#ifdef __AVX512F__
+INLINE v16 load_first(const float *p, int64_t count) {
+    return (v16)_mm512_maskz_loadu_ps((__mmask16)((1u << count) - 1u), p);
+}
+INLINE void store_first(float *p, v16 v, int64_t count) {
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << count) - 1u), (__m512)v);
+}
+#else
+INLINE v16 load_first(const float *p, int64_t count) {
+    v16 v = {0};
+    for (int64_t i = 0; i < count; i++) v[i] = p[i];
+    return v;
+}
+INLINE void store_first(float *p, v16 v, int64_t count) {
+    for (int64_t i = 0; i < count; i++) p[i] = v[i];
+}
+#endif
+/* Vector w of a strip of nv vectors whose last one holds only ``last`` columns (16: all). */
+#define LOAD(p, w) ((w) == nv - 1 && last < 16 ? load_first((p) + 16 * (w), last) : *(const v16 *)((p) + 16 * (w)))
+#define STORE(p, w, v) ((w) == nv - 1 && last < 16 ? store_first((p) + 16 * (w), (v), last) : (void)(*(v16 *)((p) + 16 * (w)) = (v)))
+
+/* The nonzeros of x (batch x d) by column: column k's are entries col_start[k] .. col_start[k+1]-1
+ * of (col_row, col_val), rows ascending. The scratch arrays hold batch * d + 16 entries each.
+ * Returns the number of nonzeros. */
+int64_t nonzeros_by_column(const float *restrict x, int64_t batch, int64_t d, int64_t *restrict col_start,
+                           int32_t *restrict col_row, float *restrict col_val, int32_t *restrict scratch_col,
+                           int32_t *restrict scratch_row, float *restrict scratch_val) {
+    int64_t count = 0;
+    for (int64_t b = 0; b < batch; b++) {
+        const float *row = x + b * d;
+        int64_t k = 0;
+#ifdef __AVX512F__
+        const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        for (; k + 16 <= d; k += 16) { /* compress in registers: a compressing store is slow on AMD */
+            __m512 v = _mm512_loadu_ps(row + k);
+            __mmask16 nonzero = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+            _mm512_storeu_ps(scratch_val + count, _mm512_maskz_compress_ps(nonzero, v));
+            _mm512_storeu_si512(scratch_col + count,
+                                _mm512_maskz_compress_epi32(nonzero, _mm512_add_epi32(lanes, _mm512_set1_epi32((int)k))));
+            _mm512_storeu_si512(scratch_row + count, _mm512_set1_epi32((int)b));
+            count += __builtin_popcount(nonzero);
+        }
+#endif
+        for (; k < d; k++) { /* branch-free: the zeros fall in no pattern a predictor could learn */
+            scratch_col[count] = (int32_t)k;
+            scratch_row[count] = (int32_t)b;
+            scratch_val[count] = row[k];
+            count += row[k] != 0.0f;
+        }
+    }
+    memset(col_start, 0, (size_t)(d + 1) * sizeof(int64_t));
+    for (int64_t s = 0; s < count; s++) col_start[scratch_col[s] + 1]++;
+    for (int64_t k = 0; k < d; k++) col_start[k + 1] += col_start[k];
+    for (int64_t s = 0; s < count; s++) { /* stable: rows stay ascending within a column */
+        int64_t at = col_start[scratch_col[s]]++;
+        col_row[at] = scratch_row[s];
+        col_val[at] = scratch_val[s];
+    }
+    memmove(col_start + 1, col_start, (size_t)d * sizeof(int64_t));
+    col_start[0] = 0;
+    return count;
+}
+
+/* Columns j0 .. j0 + 16 nv (the last vector ``last`` wide) of out = bias + x W. The output rows of
+ * the strip (batch x 16 nv floats, 16 KB at batch 32) stay in L1; each weight row is read once. */
+INLINE void times_strip(int nv, int64_t last, int64_t j0, const int64_t *restrict col_start,
+                        const int32_t *restrict col_row, const float *restrict col_val, int64_t batch, int64_t d,
+                        const float *restrict weight, int64_t ld, const float *restrict bias,
+                        float *restrict out, int64_t ldo) {
+    for (int64_t b = 0; b < batch; b++)
+        for (int w = 0; w < nv; w++) STORE(out + b * ldo + j0, w, LOAD(bias + j0, w));
+    for (int64_t k = 0; k < d; k++) {
+        if (col_start[k] == col_start[k + 1]) continue;
+        v16 row[STRIP];
+        for (int w = 0; w < nv; w++) row[w] = LOAD(weight + k * ld + j0, w);
+        for (int64_t s = col_start[k]; s < col_start[k + 1]; s++) {
+            float *o = out + (int64_t)col_row[s] * ldo + j0;
+            for (int w = 0; w < nv; w++) STORE(o, w, LOAD(o, w) + col_val[s] * row[w]);
+        }
+    }
+}
+
+/* Columns j0 .. j0 + 16 nv of weight[k, :] += alpha sum over column k's entries of x[b, k] g[b, :]:
+ * each weight row read and written once, the strip of g (batch x 16 nv) in L1. */
+INLINE void update_strip(int nv, int64_t last, int64_t j0, const int64_t *restrict col_start,
+                         const int32_t *restrict col_row, const float *restrict col_val, int64_t d,
+                         float *restrict weight, int64_t ld, const float *restrict g, int64_t ldg, float alpha) {
+    for (int64_t k = 0; k < d; k++) {
+        if (col_start[k] == col_start[k + 1]) continue;
+        float *row = weight + k * ld + j0;
+        v16 sum[STRIP];
+        for (int w = 0; w < nv; w++) sum[w] = LOAD(row, w);
+        for (int64_t s = col_start[k]; s < col_start[k + 1]; s++) {
+            const float *gr = g + (int64_t)col_row[s] * ldg + j0;
+            float scale = alpha * col_val[s];
+            for (int w = 0; w < nv; w++) sum[w] += scale * LOAD(gr, w);
+        }
+        for (int w = 0; w < nv; w++) STORE(row, w, sum[w]);
+    }
+}
+
+/* Calls strip(nv, last, j0) for every strip of n columns, the strips shared among the threads:
+ * full strips of STRIP vectors, then one of the remaining vectors, the last of them partial. The
+ * constant nv and last of each call let the compiler keep a strip's vectors in registers and drop
+ * the partial-vector tests from every strip but the last. */
+#define FOR_EACH_STRIP(n, strip)                                                                  \
+    do {                                                                                          \
+        int64_t vectors_ = ((n) + 15) / 16, full_ = (n) / (16 * STRIP);                          \
+        int64_t rest_ = vectors_ - full_ * STRIP, last_ = (n) % 16 ? (n) % 16 : 16;              \
+        _Pragma("omp parallel for schedule(static)") for (int64_t i_ = 0; i_ <= full_; i_++) {    \
+            int64_t j0_ = i_ * 16 * STRIP;                                                        \
+            if (i_ < full_) strip(STRIP, 16, j0_);                                                \
+            else switch (rest_) {                                                                 \
+                case 7: strip(7, last_, j0_); break;                                              \
+                case 6: strip(6, last_, j0_); break;                                              \
+                case 5: strip(5, last_, j0_); break;                                              \
+                case 4: strip(4, last_, j0_); break;                                              \
+                case 3: strip(3, last_, j0_); break;                                              \
+                case 2: strip(2, last_, j0_); break;                                              \
+                case 1: strip(1, last_, j0_); break;                                              \
+                default: break;                                                                   \
+            }                                                                                     \
+        }                                                                                         \
+    } while (0)
+
+/* out (batch x n, rows ldo apart) = bias + x W, x given by nonzeros_by_column, W's row k at
+ * weight + k ld. Rows on whole 64-byte lines (ld, ldo multiples of 16) save a fifth of the time. */
+void sparse_times(const int64_t *restrict col_start, const int32_t *restrict col_row, const float *restrict col_val,
+                  int64_t batch, int64_t d, const float *restrict weight, int64_t ld, int64_t n,
+                  const float *restrict bias, float *restrict out, int64_t ldo) {
+#define TIMES(nv, last, j0) times_strip(nv, last, j0, col_start, col_row, col_val, batch, d, weight, ld, bias, out, ldo)
+    FOR_EACH_STRIP(n, TIMES);
+#undef TIMES
+}
+
+/* W += alpha x^T g: W (d rows, row k at weight + k ld, n columns), x (batch x d) given by
+ * nonzeros_by_column, g (batch x n, rows ldg apart). */
+void sparse_rank_update(float *restrict weight, int64_t ld, int64_t n, int64_t d, const int64_t *restrict col_start,
+                        const int32_t *restrict col_row, const float *restrict col_val, const float *restrict g,
+                        int64_t ldg, float alpha) {
+#define UPDATE(nv, last, j0) update_strip(nv, last, j0, col_start, col_row, col_val, d, weight, ld, g, ldg, alpha)
+    FOR_EACH_STRIP(n, UPDATE);
+#undef UPDATE
 }

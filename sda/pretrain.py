@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from sda.dae import DenoisingAutoencoder
 from sda.graphs import replay_as_cuda_graph
+from sda.native import sparse_input_layout
 from sda.noise import MaskingNoise
 from sda.training import DivergenceError, shuffled_batches
 
@@ -48,19 +49,20 @@ def pretrain_layer(
             generator=generator,
         )
     losses: list[float] = []
-    for epoch in tqdm(range(1, epochs + 1), desc=f"pretrain {name}", unit="epoch"):
-        total.zero_()
-        for (clean,) in shuffled_batches((codes,), batch_size, generator):
-            (full_batch_step if clean.shape[0] == batch_size else step)(clean)
-        epoch_loss = total.item() / codes.shape[0]
-        if not math.isfinite(epoch_loss):
-            raise DivergenceError(
-                f"{name}: reconstruction loss became {epoch_loss} at epoch {epoch} (lr={lr}); "
-                "lower the learning rate"
-            )
-        losses.append(epoch_loss)
-        if on_epoch is not None:
-            on_epoch(epoch, epoch_loss)
+    with sparse_input_layout(dae.weight, codes):  # mostly-zero inputs (MNIST's pixels): sparse products
+        for epoch in tqdm(range(1, epochs + 1), desc=f"pretrain {name}", unit="epoch"):
+            total.zero_()
+            for (clean,) in shuffled_batches((codes,), batch_size, generator):
+                (full_batch_step if clean.shape[0] == batch_size else step)(clean)
+            epoch_loss = total.item() / codes.shape[0]
+            if not math.isfinite(epoch_loss):
+                raise DivergenceError(
+                    f"{name}: reconstruction loss became {epoch_loss} at epoch {epoch} (lr={lr}); "
+                    "lower the learning rate"
+                )
+            losses.append(epoch_loss)
+            if on_epoch is not None:
+                on_epoch(epoch, epoch_loss)
     return losses
 
 

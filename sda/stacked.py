@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sda.dae import DenoisingAutoencoder
-from sda.native import cpu_kernels
+from sda.native import cpu_kernels, is_visible_major
 
 
 class StackedClassifier(nn.Module):
@@ -58,13 +58,21 @@ class StackedClassifier(nn.Module):
         bookkeeping costs more than the matrix products. Activations are batch-major, the layout in
         which oneDNN runs this step's products fastest at batch 20 (bench/README.md); the gradient
         is carried as B times dL/dlogits and 1/B folded into the step size; on the CPU in float32
-        the softmax layer's loss and gradient are one C kernel (sda/native.py).
-        tests/test_stacked.py checks it against autograd and the optimizer.
+        the softmax layer's loss and gradient are one C kernel (sda/native.py), and so are the
+        first layer's product and update where its weight is stored ``visible_major``.
+        tests/test_stacked.py and tests/test_sparse.py check it against autograd and the optimizer.
         """
         batch = x.shape[0]
         codes = [x]  # h_0, h_1, ..., h_L, batch-major
+        first, sparse = self.encoders[0], cpu_kernels(x)
+        # A first weight stored visible_major (sda/native.py, for mostly-zero inputs): its product
+        # and update from the input's nonzeros only.
+        nonzeros = sparse.nonzeros_by_column(x) if sparse is not None and is_visible_major(first.weight) else None
         for linear in self.encoders:
-            codes.append(torch.addmm(linear.bias, codes[-1], linear.weight.t()).sigmoid_())
+            if nonzeros is not None and linear is first:
+                codes.append(sparse.sparse_times(nonzeros, first.weight, first.bias).sigmoid_())
+            else:
+                codes.append(torch.addmm(linear.bias, codes[-1], linear.weight.t()).sigmoid_())
         logits = torch.addmm(self.output.bias, codes[-1], self.output.weight.t())
         kernels = cpu_kernels(logits, int64=(y,))
         if kernels is not None:  # one C call (sda/kernels.c) instead of ten small torch ops
@@ -83,13 +91,20 @@ class StackedClassifier(nn.Module):
         for depth in range(len(layers) - 1, -1, -1):
             linear, below = layers[depth], codes[depth]
             # The gradient for the layer below needs this layer's weight before it is updated.
-            grad_below = torch.ops.aten.sigmoid_backward(torch.mm(grad, linear.weight), below) if depth else None
+            grad_below = None
+            if depth:  # rows padded like the code's, which sparse_rank_update reads faster
+                padded = torch.empty_strided(below.shape, below.stride(), dtype=below.dtype, device=below.device)
+                grad_below = torch.mm(grad, linear.weight, out=padded)
+                torch.ops.aten.sigmoid_backward.grad_input(grad_below, below, grad_input=grad_below)
             if momentum:
                 bias_velocity, weight_velocity = next(buffers), next(buffers)
                 weight_velocity.mul_(momentum).addmm_(grad.t(), below, alpha=inverse_batch)
                 bias_velocity.mul_(momentum).add_(grad.sum(dim=0), alpha=inverse_batch)
                 linear.weight.sub_(weight_velocity, alpha=lr)
                 linear.bias.sub_(bias_velocity, alpha=lr)
+            elif nonzeros is not None and depth == 0:
+                sparse.sparse_rank_update(linear.weight, nonzeros, grad, -lr * inverse_batch)
+                linear.bias.sub_(grad.sum(dim=0), alpha=lr * inverse_batch)
             else:
                 linear.weight.addmm_(grad.t(), below, alpha=-lr * inverse_batch)
                 linear.bias.sub_(grad.sum(dim=0), alpha=lr * inverse_batch)
