@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from sda.dae import DenoisingAutoencoder, reconstruction_cross_entropy
-from sda.native import built_kernels, cpu_kernels
+from sda.native import built_kernels, cpu_kernels, is_visible_major, visible_major
 from sda.noise import MaskingNoise, uniform_int32
 from sda.stacked import StackedClassifier, negative_log_likelihood
 from tests.conftest import ROOT
@@ -114,13 +114,21 @@ def test_softmax_kernel_refuses_a_label_out_of_range_and_writes_nothing():
     assert torch.equal(logits, before)
 
 
+# "visible-major": the weight stored for mostly-zero inputs, whose products then come from the
+# input's nonzeros (sda/native.py, sparse_input_layout); the same SGD step either way.
+LAYOUTS = ["usual", "visible-major"]
+
+
 @needs_kernels
-def test_float32_dae_step_through_the_kernels_is_the_autograd_step():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_float32_dae_step_through_the_kernels_is_the_autograd_step(layout):
     g = torch.Generator().manual_seed(3)
     clean = torch.rand(16, 30, generator=g)
     corrupted = MaskingNoise(0.3)(clean, g)
     reference = DenoisingAutoencoder(30, 20, torch.Generator().manual_seed(0)).double()
     ours = DenoisingAutoencoder(30, 20, torch.Generator().manual_seed(0))
+    if layout == "visible-major":
+        ours.weight.data = visible_major(ours.weight.data)
     assert cpu_kernels(clean, corrupted) is not None
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
     for _ in range(3):
@@ -130,21 +138,26 @@ def test_float32_dae_step_through_the_kernels_is_the_autograd_step():
         optimizer.step()
         got = ours.sgd_step(corrupted, clean, lr=0.5)
         assert got.dtype == torch.float32 and got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert is_visible_major(ours.weight) == (layout == "visible-major")
     for (name, a), b in zip(reference.named_parameters(), ours.parameters()):
         assert torch.allclose(a.float(), b, atol=1e-5, rtol=1e-5), name
 
 
 @needs_kernels
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_float32_finetune_step_through_the_kernel_is_the_autograd_step(momentum):
+def test_float32_finetune_step_through_the_kernel_is_the_autograd_step(momentum, layout):
     daes = [DenoisingAutoencoder(12, 8, torch.Generator().manual_seed(0)), DenoisingAutoencoder(8, 6, torch.Generator().manual_seed(1))]
     reference = StackedClassifier.from_autoencoders(daes, 4).double()
     ours = StackedClassifier.from_autoencoders(daes, 4)
+    if layout == "visible-major":
+        ours.encoders[0].weight.data = visible_major(ours.encoders[0].weight.data)
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.3, momentum=momentum)
     velocity = ours.momentum_buffers()
     g = torch.Generator().manual_seed(4)
     for _ in range(4):
         x, y = torch.rand(5, 12, generator=g), torch.randint(0, 4, (5,), generator=g)
+        x[torch.rand(5, 12, generator=g) < 0.6] = 0.0  # mostly zeros, as MNIST's pixels
         logits = reference(x.double())
         expected = negative_log_likelihood(logits, y)
         optimizer.zero_grad()

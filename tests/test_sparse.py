@@ -1,4 +1,7 @@
-"""A layer's products from its input's nonzeros (sda/kernels.c, sda/native.py) against float64 torch and autograd."""
+"""A layer's products from its input's nonzeros (sda/kernels.c, sda/native.py) against float64 torch.
+
+The training steps through them are checked against autograd in tests/test_native.py (layout "visible-major").
+"""
 
 import copy
 
@@ -10,7 +13,7 @@ from sda.dae import DenoisingAutoencoder
 from sda.native import built_kernels, is_visible_major, sparse_input_layout, visible_major
 from sda.noise import MaskingNoise
 from sda.pretrain import pretrain_layer
-from sda.stacked import StackedClassifier, negative_log_likelihood
+from sda.stacked import StackedClassifier
 
 KERNELS = built_kernels()
 needs_kernels = pytest.mark.skipif(KERNELS is None, reason="sda/kernels.c did not build here (see the warning)")
@@ -93,54 +96,6 @@ def test_sparse_products_refuse_a_weight_in_the_usual_layout_and_mismatched_shap
         KERNELS.sparse_times(x, visible_major(torch.randn(6, 11)), torch.zeros(6))
     with pytest.raises(ValueError, match=r"grad \(3, 6\) does not match batch 4"):
         KERNELS.sparse_rank_update(visible_major(torch.randn(6, 10)), x, torch.zeros(3, 6), 0.1)
-
-
-@needs_kernels
-def test_dae_step_on_a_visible_major_weight_is_the_autograd_step():
-    clean = sparse_batch(16, 30, 0.3, seed=4)
-    corrupted = MaskingNoise(0.2)(clean, torch.Generator().manual_seed(5))
-    reference = DenoisingAutoencoder(30, 20, torch.Generator().manual_seed(0)).double()
-    ours = DenoisingAutoencoder(30, 20, torch.Generator().manual_seed(0))
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
-    with sparse_input_layout(ours.weight, clean):
-        assert is_visible_major(ours.weight)
-        for _ in range(3):
-            expected = reference.loss(corrupted.double(), clean.double())
-            optimizer.zero_grad()
-            expected.backward()
-            optimizer.step()
-            got = ours.sgd_step(corrupted, clean, lr=0.5)
-            assert got.dtype == torch.float32 and got.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert ours.weight.is_contiguous()
-    for (name, a), b in zip(reference.named_parameters(), ours.parameters()):
-        assert torch.allclose(a.float(), b, atol=1e-5, rtol=1e-5), name
-
-
-@needs_kernels
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_finetune_step_with_a_visible_major_first_weight_is_the_autograd_step(momentum):
-    daes = [DenoisingAutoencoder(40, 24, torch.Generator().manual_seed(0)),
-            DenoisingAutoencoder(24, 6, torch.Generator().manual_seed(1))]
-    reference = StackedClassifier.from_autoencoders(daes, 4).double()
-    ours = StackedClassifier.from_autoencoders(daes, 4)
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.3, momentum=momentum)
-    x_all = sparse_batch(20, 40, 0.2, seed=6)
-    with sparse_input_layout(ours.encoders[0].weight, x_all):
-        assert is_visible_major(ours.encoders[0].weight)
-        velocity = ours.momentum_buffers()
-        g = torch.Generator().manual_seed(7)
-        for step in range(4):
-            x, y = x_all[5 * step : 5 * step + 5], torch.randint(0, 4, (5,), generator=g)
-            logits = reference(x.double())
-            expected = negative_log_likelihood(logits, y)
-            optimizer.zero_grad()
-            expected.backward()
-            optimizer.step()
-            loss, mistakes = ours.sgd_step(x, y, 0.3, momentum, velocity)
-            assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-            assert mistakes.item() == (logits.argmax(dim=1) != y).sum().item()
-    for (name, a), b in zip(reference.named_parameters(), ours.parameters()):
-        assert torch.allclose(a.float(), b, atol=1e-5, rtol=1e-5), name
 
 
 @needs_kernels
