@@ -29,9 +29,11 @@ step of the default 784-1000-1000-1000-10 network (batch 20), written each way t
     + oneDNN products                 the same on oneDNN
     + batch-major                     activations batch x units
     + softmax layer in one C kernel   the softmax layer's loss, mistakes and gradient in one C call
-                                      (where it builds)
-    + first layer from the nonzeros   StackedClassifier.sgd_step on MNIST: the first layer's
-      (ours)                          product and update from the input's nonzeros
+    + first layer from the nonzeros   the first layer's product and update from the input's
+                                      nonzeros (MNIST)
+    + backward products in one C      StackedClassifier.sgd_step: each layer's gradient for the
+      pass (ours)                     layer below and its update in one C pass over W
+    (the C rows where the kernels build, on the CPU; elsewhere ours is the batch-major step)
 
 Variants are interleaved over --rounds rounds and the median ms/step is printed, so drift of the
 machine's speed hits every variant alike. The rows above the oneDNN ones run on torch's BLAS, ours on the
@@ -188,21 +190,36 @@ def autograd_finetune_step(model, optimizer):
 
 
 @torch.no_grad()
-def torch_ops_finetune_step(model, x, y, lr):
-    """StackedClassifier.sgd_step (without momentum) before its softmax layer went into one C call."""
+def torch_ops_finetune_step(model, x, y, lr, softmax_in_c=False, sparse_first_layer=False):
+    """StackedClassifier.sgd_step (without momentum) before its softmax layer went into one C call,
+    or (``softmax_in_c``) after, or (``sparse_first_layer``, on a visible-major first weight) before
+    its backward products went into one C pass per layer."""
     batch = x.shape[0]
+    kernels = built_kernels()
+    nonzeros = kernels.nonzeros_by_column(x) if sparse_first_layer else None
     codes = [x]
     for linear in model.encoders:
-        codes.append(torch.addmm(linear.bias, codes[-1], linear.weight.t()).sigmoid_())
+        if nonzeros is not None and linear is model.encoders[0]:
+            codes.append(kernels.sparse_times(nonzeros, linear.weight, linear.bias).sigmoid_())
+        else:
+            codes.append(torch.addmm(linear.bias, codes[-1], linear.weight.t()).sigmoid_())
     logits = torch.addmm(model.output.bias, codes[-1], model.output.weight.t())
-    log_probs = torch.log_softmax(logits, dim=1)
-    picked = log_probs.gather(1, y.unsqueeze(1))
-    loss = -picked.sum() / batch
-    mistakes = (logits.argmax(dim=1) != y).sum()
-    grad = log_probs.exp_().scatter_add_(1, y.unsqueeze(1), torch.full_like(picked, -1.0))
+    if softmax_in_c or sparse_first_layer:
+        total, wrong = kernels.softmax_nll_and_grad(logits, y)
+        loss, mistakes, grad = torch.tensor(total / batch), torch.tensor(wrong), logits
+    else:
+        log_probs = torch.log_softmax(logits, dim=1)
+        picked = log_probs.gather(1, y.unsqueeze(1))
+        loss = -picked.sum() / batch
+        mistakes = (logits.argmax(dim=1) != y).sum()
+        grad = log_probs.exp_().scatter_add_(1, y.unsqueeze(1), torch.full_like(picked, -1.0))
     layers = [*model.encoders, model.output]
     for depth in range(len(layers) - 1, -1, -1):
         linear, below = layers[depth], codes[depth]
+        if depth == 0 and nonzeros is not None:
+            kernels.sparse_rank_update(linear.weight, nonzeros, grad, -lr / batch)
+            linear.bias.sub_(grad.sum(dim=0), alpha=lr / batch)
+            break
         grad_below = torch.ops.aten.sigmoid_backward(torch.mm(grad, linear.weight), below) if depth else None
         linear.weight.addmm_(grad.t(), below, alpha=-lr / batch)
         linear.bias.sub_(grad.sum(dim=0), alpha=lr / batch)
@@ -308,19 +325,22 @@ def main() -> None:
     batches = [(xb, yb, lr) for xb, yb in zip(x.split(batch), y.split(batch))]
     daes = [DenoisingAutoencoder(a, 1000, torch.Generator().manual_seed(1)) for a in (784, 1000, 1000)]
     reference = StackedClassifier.from_autoencoders(daes, 10).to(device)
-    models = [StackedClassifier.from_autoencoders(daes, 10).to(device) for _ in range(5)]
-    written_out, on_onednn, torch_ops, softmax_in_c, ours = models
+    models = [StackedClassifier.from_autoencoders(daes, 10).to(device) for _ in range(6)]
+    written_out, on_onednn, torch_ops, softmax_in_c, sparse_first, ours = models
     if sparse:
-        ours.encoders[0].weight.data = visible_major(ours.encoders[0].weight.data)
+        for model in (sparse_first, ours):
+            model.encoders[0].weight.data = visible_major(model.encoders[0].weight.data)
     variants = {
         "autograd + torch.optim.SGD": autograd_finetune_step(reference, torch.optim.SGD(reference.parameters(), lr=lr)),
         "written out, feature-major": lambda x, y, lr: feature_major_finetune_step(written_out, x, y, lr),
         **({"+ oneDNN products": on("onednn", lambda x, y, lr: feature_major_finetune_step(on_onednn, x, y, lr))} if onednn else {}),
         "+ batch-major": on("onednn" if onednn else "blas", lambda x, y, lr: torch_ops_finetune_step(torch_ops, x, y, lr)),
-        "+ softmax layer in one C kernel" + ("" if sparse else " (ours)"):
-            on("onednn" if onednn else "blas", lambda x, y, lr: softmax_in_c.sgd_step(x, y, lr)),
-        **({"+ first layer from the nonzeros (ours)":
-            on("onednn" if onednn else "blas", lambda x, y, lr: ours.sgd_step(x, y, lr))} if sparse else {}),
+        **({"+ softmax layer in one C kernel":
+            on("onednn" if onednn else "blas", lambda x, y, lr: torch_ops_finetune_step(softmax_in_c, x, y, lr, softmax_in_c=True)),
+            "+ first layer from the nonzeros":
+            on("onednn" if onednn else "blas", lambda x, y, lr: torch_ops_finetune_step(sparse_first, x, y, lr, sparse_first_layer=True))}
+           if sparse else {}),
+        "+ backward products in one C pass (ours)": on("onednn" if onednn else "blas", lambda x, y, lr: ours.sgd_step(x, y, lr)),
     }
     variants = {name: fn if "oneDNN" in name or "(ours)" in name else on("blas", fn) for name, fn in variants.items()}
     report(f"fine-tuning step 784-1000-1000-1000-10, batch {batch}", compare(variants, batches, device, args.rounds))

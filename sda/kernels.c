@@ -280,3 +280,128 @@ void sparse_rank_update(float *restrict weight, int64_t ld, int64_t n, int64_t d
     FOR_EACH_STRIP(n, UPDATE);
 #undef UPDATE
 }
+
+/* ---- The backward products of fine-tuning at small batches ----
+ *
+ * At batch 20, oneDNN computes a 1000 x 1000 layer's gradient for the layer below (g W, 100-120
+ * us) and its rank-20 update (128-133 us) as two passes over W. Register tiles sized for a small
+ * batch, the two sharing one pass over each 32-column strip of W, took 185-239 us for both and the
+ * sigmoid's derivative where oneDNN's two products alone took 208-261 (bench/README.md). (A forward kernel of the same kind, h W^T as dot
+ * products, was no faster than oneDNN's and is not kept.) Every element is summed by one thread in
+ * one order. */
+
+/* Columns j0 .. j0 + 16 nv of out[b, :] = sum_i g[b, i] W[i, :] for batch rows b0 .. b0+nb-1
+ * (``last``: the width of the strip's last vector). */
+INLINE void axpy_tile(int nv, int nb, int64_t last, const float *restrict g, int64_t ldg, const float *restrict w,
+                      int64_t ldw, int64_t n, int64_t b0, int64_t j0, float *restrict out, int64_t ldo) {
+    v16 acc[20];
+    for (int t = 0; t < nv * nb; t++) acc[t] = (v16){0};
+    for (int64_t i = 0; i < n; i++) {
+        v16 wv[2];
+        for (int w_ = 0; w_ < nv; w_++) wv[w_] = LOAD(w + i * ldw + j0, w_);
+        for (int b = 0; b < nb; b++) {
+            float scale = g[(b0 + b) * ldg + i];
+            for (int w_ = 0; w_ < nv; w_++) acc[b * nv + w_] += scale * wv[w_];
+        }
+    }
+    for (int b = 0; b < nb; b++)
+        for (int w_ = 0; w_ < nv; w_++) STORE(out + (b0 + b) * ldo + j0, w_, acc[b * nv + w_]);
+}
+
+/* Columns j0 .. j0 + 16 (``last`` of them) of W[i, :] += alpha sum_b g[b, i] below[b, :], for all
+ * n rows, batch rows b0 .. b0+nb-1 (their values of below held in registers), 4 rows at a time. */
+INLINE void rank_tile(int nb, int64_t last, float *restrict w, int64_t ldw, int64_t n, const float *restrict g,
+                      int64_t ldg, const float *restrict below, int64_t ldb, float alpha, int64_t b0, int64_t j0) {
+    const int nv = 1;
+    v16 rows[20];
+    for (int b = 0; b < nb; b++) rows[b] = LOAD(below + (b0 + b) * ldb + j0, 0);
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        v16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+        for (int b = 0; b < nb; b++) {
+            const float *gb = g + (b0 + b) * ldg + i;
+            s0 += gb[0] * rows[b];
+            s1 += gb[1] * rows[b];
+            s2 += gb[2] * rows[b];
+            s3 += gb[3] * rows[b];
+        }
+        float *row = w + i * ldw + j0;
+        STORE(row, 0, LOAD(row, 0) + alpha * s0);
+        STORE(row + ldw, 0, LOAD(row + ldw, 0) + alpha * s1);
+        STORE(row + 2 * ldw, 0, LOAD(row + 2 * ldw, 0) + alpha * s2);
+        STORE(row + 3 * ldw, 0, LOAD(row + 3 * ldw, 0) + alpha * s3);
+    }
+    for (; i < n; i++) {
+        v16 sum = {0};
+        for (int b = 0; b < nb; b++) sum += g[(b0 + b) * ldg + i] * rows[b];
+        STORE(w + i * ldw + j0, 0, LOAD(w + i * ldw + j0, 0) + alpha * sum);
+    }
+}
+
+#define AXPY_BATCH 10 /* batch rows per tile: 10 x 2 vectors of sums in registers */
+#define RANK_BATCH 20 /* batch rows whose values sit in registers during the update */
+
+/* For W (n x k, ldw), g (batch x n, ldg) and below (batch x k, ldb): grad_below = g W with the
+ * weight as it was, times below (1 - below) where ``sigmoid_below`` is nonzero (the gradient
+ * through the lower layer's sigmoid), then W += alpha g^T below; each 32-column strip of W is
+ * read for the first from memory and for the second from L2. */
+void backward_and_update(float *restrict w, int64_t n, int64_t k, int64_t ldw, const float *restrict g, int64_t batch,
+                         int64_t ldg, const float *restrict below, int64_t ldb, int64_t sigmoid_below,
+                         float *restrict grad_below, int64_t ldo, float alpha) {
+    int64_t strips = (k + 31) / 32;
+#pragma omp parallel for schedule(static)
+    for (int64_t strip = 0; strip < strips; strip++) {
+        int64_t j0 = strip * 32, width = k - j0 < 32 ? k - j0 : 32;
+        int64_t nv = (width + 15) / 16, last = width % 16 ? width % 16 : 16;
+        if (grad_below) {
+            for (int64_t b0 = 0; b0 < batch; b0 += AXPY_BATCH) {
+                int64_t nb = batch - b0 < AXPY_BATCH ? batch - b0 : AXPY_BATCH;
+#define AXPY(V, B) axpy_tile(V, B, last, g, ldg, w, ldw, n, b0, j0, grad_below, ldo)
+#define AXPY_NB(V)                                                                                         \
+    switch (nb) {                                                                                          \
+        case 10: AXPY(V, 10); break; case 9: AXPY(V, 9); break; case 8: AXPY(V, 8); break;                 \
+        case 7: AXPY(V, 7); break; case 6: AXPY(V, 6); break; case 5: AXPY(V, 5); break;                   \
+        case 4: AXPY(V, 4); break; case 3: AXPY(V, 3); break; case 2: AXPY(V, 2); break;                   \
+        default: AXPY(V, 1); break;                                                                        \
+    }
+                if (width == 32) {
+                    const int64_t last = 16; /* a constant: no partial-vector tests in the loop */
+                    AXPY_NB(2);
+                } else if (nv == 2) {
+                    AXPY_NB(2);
+                } else {
+                    AXPY_NB(1);
+                }
+#undef AXPY_NB
+#undef AXPY
+            }
+            if (sigmoid_below)
+                for (int64_t b = 0; b < batch; b++)
+                    for (int64_t j = j0; j < j0 + width; j++) {
+                        float y = below[b * ldb + j];
+                        grad_below[b * ldo + j] *= y * (1.0f - y);
+                    }
+        }
+        for (int64_t half = 0; half < nv; half++) {
+            int64_t c0 = j0 + 16 * half, half_last = half == nv - 1 ? last : 16;
+            for (int64_t b0 = 0; b0 < batch; b0 += RANK_BATCH) {
+                int64_t nb = batch - b0 < RANK_BATCH ? batch - b0 : RANK_BATCH;
+                if (half_last == 16 && nb == 20) { /* the default batch, constants throughout */
+                    rank_tile(20, 16, w, ldw, n, g, ldg, below, ldb, alpha, b0, c0);
+                    continue;
+                }
+#define RANK(B) rank_tile(B, half_last, w, ldw, n, g, ldg, below, ldb, alpha, b0, c0)
+                switch (nb) {
+                    case 20: RANK(20); break; case 19: RANK(19); break; case 18: RANK(18); break;
+                    case 17: RANK(17); break; case 16: RANK(16); break; case 15: RANK(15); break;
+                    case 14: RANK(14); break; case 13: RANK(13); break; case 12: RANK(12); break;
+                    case 11: RANK(11); break; case 10: RANK(10); break; case 9: RANK(9); break;
+                    case 8: RANK(8); break; case 7: RANK(7); break; case 6: RANK(6); break;
+                    case 5: RANK(5); break; case 4: RANK(4); break; case 3: RANK(3); break;
+                    case 2: RANK(2); break; default: RANK(1); break;
+                }
+#undef RANK
+            }
+        }
+    }
+}

@@ -73,6 +73,9 @@ class Kernels:
         self._sparse_update = library.sparse_rank_update
         self._sparse_update.argtypes = [_P, _I, _I, _I, _P, _P, _P, _P, _I, ctypes.c_float]
         self._sparse_update.restype = None
+        self._backward_and_update = library.backward_and_update
+        self._backward_and_update.argtypes = [_P, _I, _I, _I, _P, _I, _I, _P, _I, _I, _P, _I, ctypes.c_float]
+        self._backward_and_update.restype = None
 
     def random_subsets(self, draws: torch.Tensor, d: int) -> torch.Tensor:
         """Row b: a uniformly random k-subset of range(d), from row b of ``draws`` (int32, batch x k)."""
@@ -153,13 +156,31 @@ class Kernels:
         ``grad`` (batch x out, float32) may have padded rows, like ``sparse_times``'s result.
         """
         ld = _visible_major_stride(weight, x)
-        if not (grad.device.type == "cpu" and grad.dtype == torch.float32 and grad.dim() == 2 and grad.stride(1) == 1
-                and grad.stride(0) >= grad.shape[1]):
-            raise ValueError(f"grad must be a float32 CPU matrix with contiguous rows, got {grad.dtype} strides {grad.stride()}")
+        _check_rows(grad, "grad")
         if grad.shape != (x.batch, weight.shape[0]):
             raise ValueError(f"grad {tuple(grad.shape)} does not match batch {x.batch} and weight {tuple(weight.shape)}")
         self._sparse_update(weight.data_ptr(), ld, weight.shape[0], weight.shape[1], x.start.data_ptr(),
                             x.rows.data_ptr(), x.values.data_ptr(), grad.data_ptr(), grad.stride(0), alpha)
+
+
+    def backward_and_update(self, weight: torch.Tensor, grad: torch.Tensor, below: torch.Tensor, alpha: float,
+                            through_sigmoid: bool) -> torch.Tensor:
+        """grad W (times below (1 - below) if ``through_sigmoid``), with W as it was; then W += alpha grad^T below.
+
+        One pass over ``weight`` (out x in, row-major) for both: the gradient for the layer below and
+        the SGD update of a linear layer whose input was ``below`` (batch x in) and whose output
+        gradient is ``grad`` (batch x out). The result's rows are padded like ``below``'s.
+        """
+        _check(weight, torch.float32, "weight")
+        _check_rows(grad, "grad")
+        _check_rows(below, "below")
+        if grad.shape != (below.shape[0], weight.shape[0]) or below.shape[1] != weight.shape[1]:
+            raise ValueError(f"grad {tuple(grad.shape)}, weight {tuple(weight.shape)} and below {tuple(below.shape)} do not chain")
+        out = torch.empty_strided(below.shape, below.stride())  # padded like below: sparse_rank_update reads it faster
+        self._backward_and_update(weight.data_ptr(), *weight.shape, weight.stride(0), grad.data_ptr(), grad.shape[0],
+                                  grad.stride(0), below.data_ptr(), below.stride(0), int(through_sigmoid), out.data_ptr(),
+                                  out.stride(0), alpha)
+        return out
 
 
 def visible_major(weight: torch.Tensor) -> torch.Tensor:
@@ -215,6 +236,13 @@ def sparse_input_layout(weight: torch.nn.Parameter, inputs: torch.Tensor):
 def fits(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether the kernels can take ``tensor`` as an array of ``dtype``: on the CPU, contiguous, that dtype."""
     return tensor.device.type == "cpu" and tensor.dtype == dtype and tensor.is_contiguous()
+
+
+def _check_rows(tensor: torch.Tensor, name: str) -> None:
+    """A float32 CPU matrix whose rows are contiguous (they may be padded: stride(0) >= columns)."""
+    if not (tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.dim() == 2 and tensor.stride(1) == 1
+            and tensor.stride(0) >= tensor.shape[1]):
+        raise ValueError(f"{name} must be a float32 CPU matrix with contiguous rows, got {tensor.dtype} strides {tensor.stride()}")
 
 
 def _check(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> None:

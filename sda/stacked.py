@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sda.dae import DenoisingAutoencoder
-from sda.native import cpu_kernels, is_visible_major
+from sda.native import cpu_kernels, fits, is_visible_major
 
 
 class StackedClassifier(nn.Module):
@@ -58,9 +58,11 @@ class StackedClassifier(nn.Module):
         bookkeeping costs more than the matrix products. Activations are batch-major, the layout in
         which oneDNN runs this step's products fastest at batch 20 (bench/README.md); the gradient
         is carried as B times dL/dlogits and 1/B folded into the step size; on the CPU in float32
-        the softmax layer's loss and gradient are one C kernel (sda/native.py), and so are the
-        first layer's product and update where its weight is stored ``visible_major``.
-        tests/test_stacked.py and tests/test_sparse.py check it against autograd and the optimizer.
+        the softmax layer's loss and gradient are one C kernel (sda/native.py), without momentum
+        each higher layer's gradient for the layer below and update are one C pass over its weight,
+        and a first weight stored ``visible_major`` has its product and update computed from the
+        input's nonzeros. tests/test_stacked.py and tests/test_native.py check it against autograd
+        and the optimizer, in both layouts.
         """
         batch = x.shape[0]
         codes = [x]  # h_0, h_1, ..., h_L, batch-major
@@ -90,12 +92,13 @@ class StackedClassifier(nn.Module):
         buffers = iter(reversed(velocity)) if momentum else None
         for depth in range(len(layers) - 1, -1, -1):
             linear, below = layers[depth], codes[depth]
+            if depth and not momentum and kernels is not None and fits(linear.weight, torch.float32):
+                # One C pass over W: the gradient for the layer below (with W as it was), then the update.
+                linear.bias.sub_(grad.sum(dim=0), alpha=lr * inverse_batch)
+                grad = kernels.backward_and_update(linear.weight, grad, below, -lr * inverse_batch, through_sigmoid=True)
+                continue
             # The gradient for the layer below needs this layer's weight before it is updated.
-            grad_below = None
-            if depth:  # rows padded like the code's, which sparse_rank_update reads faster
-                padded = torch.empty_strided(below.shape, below.stride(), dtype=below.dtype, device=below.device)
-                grad_below = torch.mm(grad, linear.weight, out=padded)
-                torch.ops.aten.sigmoid_backward.grad_input(grad_below, below, grad_input=grad_below)
+            grad_below = torch.ops.aten.sigmoid_backward(torch.mm(grad, linear.weight), below) if depth else None
             if momentum:
                 bias_velocity, weight_velocity = next(buffers), next(buffers)
                 weight_velocity.mul_(momentum).addmm_(grad.t(), below, alpha=inverse_batch)

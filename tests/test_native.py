@@ -197,3 +197,39 @@ def test_without_a_compiler_the_steps_fall_back_to_torch_and_say_why():
     warnings = [line for line in lines if line.startswith("WARNING")]
     assert len(warnings) == 1
     assert "C kernels are unavailable" in warnings[0] and "'false' failed to build kernels.c" in warnings[0]
+
+
+@needs_kernels
+@pytest.mark.parametrize("batch, n, k", [(20, 1000, 1000), (20, 10, 1000), (23, 5, 17), (1, 1, 1), (7, 13, 48), (32, 9, 33)])
+def test_backward_and_update_is_the_gradient_below_then_the_sgd_update(batch, n, k):
+    # Batches over 10 and 20 rows and widths off 16 and 32 columns exercise every partial tile.
+    g = torch.Generator().manual_seed(batch + n + k)
+    weight, grad = torch.randn(n, k, generator=g), torch.randn(batch, n, generator=g)
+    below = torch.rand(batch, k + 3, generator=g)[:, :k]  # padded rows, as sparse_times gives
+    for through_sigmoid in (True, False):
+        updated = weight.clone()
+        grad_below = KERNELS.backward_and_update(updated, grad, below, -0.3, through_sigmoid)
+        expected = grad.double() @ weight.double()
+        if through_sigmoid:
+            expected = expected * below.double() * (1 - below.double())
+        assert torch.allclose(grad_below.double(), expected, atol=1e-4, rtol=1e-5)
+        assert torch.allclose(updated.double(), weight.double() - 0.3 * grad.double().t() @ below.double(), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_backward_and_update_gives_the_same_bits_on_one_thread_and_on_two_and_checks_shapes():
+    g = torch.Generator().manual_seed(5)
+    weight, grad, below = torch.randn(1000, 1000, generator=g), torch.randn(20, 1000, generator=g), torch.rand(20, 1000, generator=g)
+    threads, results = torch.get_num_threads(), []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            updated = weight.clone()
+            results.append((KERNELS.backward_and_update(updated, grad, below, -0.1, True), updated))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    with pytest.raises(ValueError, match=r"grad \(20, 1000\), weight \(1000, 999\) and below \(20, 1000\) do not chain"):
+        KERNELS.backward_and_update(torch.zeros(1000, 999), grad, below, 0.1, True)
+    with pytest.raises(ValueError, match="weight must be a contiguous CPU torch.float32"):
+        KERNELS.backward_and_update(weight.t(), grad, below, 0.1, True)
