@@ -336,9 +336,11 @@ def main() -> None:
         **({"+ oneDNN products": on("onednn", lambda x, y, lr: feature_major_finetune_step(on_onednn, x, y, lr))} if onednn else {}),
         "+ batch-major": on("onednn" if onednn else "blas", lambda x, y, lr: torch_ops_finetune_step(torch_ops, x, y, lr)),
         **({"+ softmax layer in one C kernel":
-            on("onednn" if onednn else "blas", lambda x, y, lr: torch_ops_finetune_step(softmax_in_c, x, y, lr, softmax_in_c=True)),
+            on("onednn" if onednn else "blas",
+               lambda x, y, lr: torch_ops_finetune_step(softmax_in_c, x, y, lr, softmax_in_c=True)),
             "+ first layer from the nonzeros":
-            on("onednn" if onednn else "blas", lambda x, y, lr: torch_ops_finetune_step(sparse_first, x, y, lr, sparse_first_layer=True))}
+            on("onednn" if onednn else "blas",
+               lambda x, y, lr: torch_ops_finetune_step(sparse_first, x, y, lr, sparse_first_layer=True))}
            if sparse else {}),
         "+ backward products in one C pass (ours)": on("onednn" if onednn else "blas", lambda x, y, lr: ours.sgd_step(x, y, lr)),
     }

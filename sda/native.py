@@ -25,8 +25,8 @@ from typing import NamedTuple
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
-# -fno-math-errno lets expf/logf vectorise. Without -fopenmp the sparse products run on one thread;
-# without -march=native they lose AVX-512 (~2x slower); each is dropped where the compiler lacks it.
+# -fno-math-errno lets expf/logf vectorise. Without -fopenmp the products in C run on one thread,
+# without -march=native on the baseline vector width; each is dropped where the compiler lacks it.
 _COMMON = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC"]
 FLAG_SETS = (
     ["-march=native", "-fopenmp", *_COMMON],
@@ -49,7 +49,8 @@ class ColumnNonzeros(NamedTuple):
 
 
 class Kernels:
-    """Typed calls into the built library; every tensor must be on the CPU, contiguous, of the dtype named."""
+    """Typed calls into the built library; every tensor must be on the CPU, of the dtype named, contiguous or,
+    where a method says so, with contiguous but padded rows."""
 
     def __init__(self, library: ctypes.CDLL):
         self._random_subsets = library.random_subsets
@@ -162,7 +163,6 @@ class Kernels:
         self._sparse_update(weight.data_ptr(), ld, weight.shape[0], weight.shape[1], x.start.data_ptr(),
                             x.rows.data_ptr(), x.values.data_ptr(), grad.data_ptr(), grad.stride(0), alpha)
 
-
     def backward_and_update(self, weight: torch.Tensor, grad: torch.Tensor, below: torch.Tensor, alpha: float,
                             through_sigmoid: bool) -> torch.Tensor:
         """grad W (times below (1 - below) if ``through_sigmoid``), with W as it was; then W += alpha grad^T below.
@@ -175,7 +175,8 @@ class Kernels:
         _check_rows(grad, "grad")
         _check_rows(below, "below")
         if grad.shape != (below.shape[0], weight.shape[0]) or below.shape[1] != weight.shape[1]:
-            raise ValueError(f"grad {tuple(grad.shape)}, weight {tuple(weight.shape)} and below {tuple(below.shape)} do not chain")
+            raise ValueError(f"grad {tuple(grad.shape)}, weight {tuple(weight.shape)} and below {tuple(below.shape)} "
+                             "do not chain")
         out = torch.empty_strided(below.shape, below.stride())  # padded like below: sparse_rank_update reads it faster
         self._backward_and_update(weight.data_ptr(), *weight.shape, weight.stride(0), grad.data_ptr(), grad.shape[0],
                                   grad.stride(0), below.data_ptr(), below.stride(0), int(through_sigmoid), out.data_ptr(),
@@ -187,8 +188,9 @@ def visible_major(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` (out x in) with each input's out weights contiguous, rows padded to whole 64-byte lines.
 
     The layout ``sparse_times`` and ``sparse_rank_update`` read: the same matrix for every torch op,
-    a view of an (in x ld) array. Aligned rows take the sparse update from ~55 to ~34 us at 784 ->
-    1000; ld is kept off multiples of 4 KiB, whose rows would all share a handful of L1 sets.
+    a view of an (in x ld) array. Aligned rows took the sparse update from 47 to 37 us at 784 ->
+    1000 (bench/README.md); ld is kept off multiples of 4 KiB, whose rows would all share a
+    handful of L1 sets.
     """
     out, inputs = weight.shape
     ld = -(-out // 16) * 16
@@ -242,7 +244,8 @@ def _check_rows(tensor: torch.Tensor, name: str) -> None:
     """A float32 CPU matrix whose rows are contiguous (they may be padded: stride(0) >= columns)."""
     if not (tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.dim() == 2 and tensor.stride(1) == 1
             and tensor.stride(0) >= tensor.shape[1]):
-        raise ValueError(f"{name} must be a float32 CPU matrix with contiguous rows, got {tensor.dtype} strides {tensor.stride()}")
+        raise ValueError(f"{name} must be a float32 CPU matrix with contiguous rows, "
+                         f"got {tensor.dtype} strides {tensor.stride()}")
 
 
 def _check(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> None:

@@ -219,7 +219,8 @@ def test_backward_and_update_is_the_gradient_below_then_the_sgd_update(batch, n,
 @needs_kernels
 def test_backward_and_update_gives_the_same_bits_on_one_thread_and_on_two_and_checks_shapes():
     g = torch.Generator().manual_seed(5)
-    weight, grad, below = torch.randn(1000, 1000, generator=g), torch.randn(20, 1000, generator=g), torch.rand(20, 1000, generator=g)
+    weight, grad = torch.randn(1000, 1000, generator=g), torch.randn(20, 1000, generator=g)
+    below = torch.rand(20, 1000, generator=g)
     threads, results = torch.get_num_threads(), []
     try:
         for count in (1, 2):
