@@ -1,10 +1,10 @@
-/* The CPU training steps' elementwise parts, each fused into one pass, and the products of a
- * layer whose input is mostly zeros (sda/native.py builds this).
+/* The CPU training steps' elementwise parts, each fused into one pass, the products of a layer
+ * whose input is mostly zeros, and fine-tuning's backward products (sda/native.py builds this).
  *
  * At batch 32 the matrix products leave ~200 us of a ~1 ms pretraining step to a dozen small torch
  * ops, each a separate pass over the batch plus Python's launch cost (bench/README.md). The
- * elementwise functions are single-threaded: their data fits in L1/L2. The sparse products split
- * their columns over OpenMP threads; built with -fopenmp in a process that has imported torch, they
+ * elementwise functions are single-threaded: their data fits in L1/L2. The products split their
+ * columns over OpenMP threads; built with -fopenmp in a process that has imported torch, they
  * use torch's own libgomp (the same soname, so the loader maps it once) and hence its thread pool
  * and its torch.set_num_threads. float32, row-major arrays only; the Python side checks that
  * before calling.
