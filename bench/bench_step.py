@@ -59,7 +59,7 @@ from sda.data import load_mnist  # noqa: E402
 from sda.device import choose_cpu_matmul, resolve_device, set_cpu_matmul, set_cpu_threads  # noqa: E402
 from sda.native import built_kernels, visible_major  # noqa: E402
 from sda.noise import MaskingNoise, uniform_int32  # noqa: E402
-from sda.stacked import StackedClassifier, negative_log_likelihood  # noqa: E402
+from sda.stacked import StackedClassifier, negative_log_likelihood, softmax_nll_and_grad  # noqa: E402
 
 
 def autograd_pretrain_step(dae, optimizer):
@@ -208,11 +208,7 @@ def torch_ops_finetune_step(model, x, y, lr, softmax_in_c=False, sparse_first_la
         total, wrong = kernels.softmax_nll_and_grad(logits, y)
         loss, mistakes, grad = torch.tensor(total / batch), torch.tensor(wrong), logits
     else:
-        log_probs = torch.log_softmax(logits, dim=1)
-        picked = log_probs.gather(1, y.unsqueeze(1))
-        loss = -picked.sum() / batch
-        mistakes = (logits.argmax(dim=1) != y).sum()
-        grad = log_probs.exp_().scatter_add_(1, y.unsqueeze(1), torch.full_like(picked, -1.0))
+        loss, mistakes, grad = softmax_nll_and_grad(logits, y)
     layers = [*model.encoders, model.output]
     for depth in range(len(layers) - 1, -1, -1):
         linear, below = layers[depth], codes[depth]

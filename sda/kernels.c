@@ -286,9 +286,9 @@ void sparse_rank_update(float *restrict weight, int64_t ld, int64_t n, int64_t d
  * At batch 20, oneDNN computes a 1000 x 1000 layer's gradient for the layer below (g W, 100-120
  * us) and its rank-20 update (128-133 us) as two passes over W. Register tiles sized for a small
  * batch, the two sharing one pass over each 32-column strip of W, took 185-239 us for both and the
- * sigmoid's derivative where oneDNN's two products alone took 208-261 (bench/README.md). (A forward kernel of the same kind, h W^T as dot
- * products, was no faster than oneDNN's and is not kept.) Every element is summed by one thread in
- * one order. */
+ * sigmoid's derivative where oneDNN's two products alone took 208-261 (bench/README.md). (A
+ * forward kernel of the same kind, h W^T as dot products, was no faster than oneDNN's and is not
+ * kept.) Every element is summed by one thread in one order. */
 
 /* Columns j0 .. j0 + 16 nv of out[b, :] = sum_i g[b, i] W[i, :] for batch rows b0 .. b0+nb-1
  * (``last``: the width of the strip's last vector). */
@@ -353,9 +353,8 @@ void backward_and_update(float *restrict w, int64_t n, int64_t k, int64_t ldw, c
     for (int64_t strip = 0; strip < strips; strip++) {
         int64_t j0 = strip * 32, width = k - j0 < 32 ? k - j0 : 32;
         int64_t nv = (width + 15) / 16, last = width % 16 ? width % 16 : 16;
-        if (grad_below) {
-            for (int64_t b0 = 0; b0 < batch; b0 += AXPY_BATCH) {
-                int64_t nb = batch - b0 < AXPY_BATCH ? batch - b0 : AXPY_BATCH;
+        for (int64_t b0 = 0; b0 < batch; b0 += AXPY_BATCH) {
+            int64_t nb = batch - b0 < AXPY_BATCH ? batch - b0 : AXPY_BATCH;
 #define AXPY(V, B) axpy_tile(V, B, last, g, ldg, w, ldw, n, b0, j0, grad_below, ldo)
 #define AXPY_NB(V)                                                                                         \
     switch (nb) {                                                                                          \
@@ -364,24 +363,23 @@ void backward_and_update(float *restrict w, int64_t n, int64_t k, int64_t ldw, c
         case 4: AXPY(V, 4); break; case 3: AXPY(V, 3); break; case 2: AXPY(V, 2); break;                   \
         default: AXPY(V, 1); break;                                                                        \
     }
-                if (width == 32) {
-                    const int64_t last = 16; /* a constant: no partial-vector tests in the loop */
-                    AXPY_NB(2);
-                } else if (nv == 2) {
-                    AXPY_NB(2);
-                } else {
-                    AXPY_NB(1);
-                }
+            if (width == 32) {
+                const int64_t last = 16; /* a constant: no partial-vector tests in the loop */
+                AXPY_NB(2);
+            } else if (nv == 2) {
+                AXPY_NB(2);
+            } else {
+                AXPY_NB(1);
+            }
 #undef AXPY_NB
 #undef AXPY
-            }
-            if (sigmoid_below)
-                for (int64_t b = 0; b < batch; b++)
-                    for (int64_t j = j0; j < j0 + width; j++) {
-                        float y = below[b * ldb + j];
-                        grad_below[b * ldo + j] *= y * (1.0f - y);
-                    }
         }
+        if (sigmoid_below)
+            for (int64_t b = 0; b < batch; b++)
+                for (int64_t j = j0; j < j0 + width; j++) {
+                    float y = below[b * ldb + j];
+                    grad_below[b * ldo + j] *= y * (1.0f - y);
+                }
         for (int64_t half = 0; half < nv; half++) {
             int64_t c0 = j0 + 16 * half, half_last = half == nv - 1 ? last : 16;
             for (int64_t b0 = 0; b0 < batch; b0 += RANK_BATCH) {

@@ -81,20 +81,17 @@ class StackedClassifier(nn.Module):
             total, wrong = kernels.softmax_nll_and_grad(logits, y)
             loss, mistakes, grad = torch.tensor(total / batch, dtype=x.dtype), torch.tensor(wrong), logits
         else:
-            log_probs = torch.log_softmax(logits, dim=1)
-            picked = log_probs.gather(1, y.unsqueeze(1))
-            loss = -picked.sum() / batch
-            mistakes = (logits.argmax(dim=1) != y).sum()
-            grad = log_probs.exp_().scatter_add_(1, y.unsqueeze(1), torch.full_like(picked, -1.0))
+            loss, mistakes, grad = softmax_nll_and_grad(logits, y)
 
         inverse_batch = 1.0 / batch
         layers = [*self.encoders, self.output]
         buffers = iter(reversed(velocity)) if momentum else None
         for depth in range(len(layers) - 1, -1, -1):
             linear, below = layers[depth], codes[depth]
+            if not momentum:
+                linear.bias.sub_(grad.sum(dim=0), alpha=lr * inverse_batch)
             if depth and not momentum and kernels is not None and fits(linear.weight, torch.float32):
                 # One C pass over W: the gradient for the layer below (with W as it was), then the update.
-                linear.bias.sub_(grad.sum(dim=0), alpha=lr * inverse_batch)
                 grad = kernels.backward_and_update(linear.weight, grad, below, -lr * inverse_batch, through_sigmoid=True)
                 continue
             # The gradient for the layer below needs this layer's weight before it is updated.
@@ -107,10 +104,8 @@ class StackedClassifier(nn.Module):
                 linear.bias.sub_(bias_velocity, alpha=lr)
             elif nonzeros is not None and depth == 0:
                 sparse.sparse_rank_update(linear.weight, nonzeros, grad, -lr * inverse_batch)
-                linear.bias.sub_(grad.sum(dim=0), alpha=lr * inverse_batch)
             else:
                 linear.weight.addmm_(grad.t(), below, alpha=-lr * inverse_batch)
-                linear.bias.sub_(grad.sum(dim=0), alpha=lr * inverse_batch)
             grad = grad_below
         return loss, mistakes
 
@@ -120,6 +115,15 @@ class StackedClassifier(nn.Module):
 
     def error_rate(self, x: torch.Tensor, y: torch.Tensor) -> float:
         return (self.predict(x) != y).float().mean().item()
+
+
+def softmax_nll_and_grad(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The softmax layer by torch ops: batch-mean NLL, misclassified count, and B dL/dlogits (softmax - onehot)."""
+    log_probs = torch.log_softmax(logits, dim=1)
+    picked = log_probs.gather(1, y.unsqueeze(1))
+    mistakes = (logits.argmax(dim=1) != y).sum()
+    grad = log_probs.exp_().scatter_add_(1, y.unsqueeze(1), torch.full_like(picked, -1.0))
+    return -picked.sum() / logits.shape[0], mistakes, grad
 
 
 def negative_log_likelihood(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
