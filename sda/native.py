@@ -1,8 +1,8 @@
 """The C kernels of sda/kernels.c, built with the system's C compiler and called through ctypes.
 
-They fuse the elementwise parts of the CPU training steps, and compute the products of a layer
-whose input is mostly zeros from its nonzeros only (bench/README.md). kernels.c is plain
-C99 without torch's headers, so a build takes ~0.1 s (a torch C++ extension takes half a minute)
+They fuse the elementwise parts of the CPU training steps, compute the products of a layer whose
+input is mostly zeros from its nonzeros only, and fine-tuning's backward products in one pass over
+each weight (bench/README.md). kernels.c is plain C99 without torch's headers, so a build takes ~0.1 s (a torch C++ extension takes half a minute)
 and runs in every process that first asks for it, into a temporary directory: no cache to go
 stale, nothing shared between parallel stages. Where no compiler builds it, ``cpu_kernels``
 returns None after one warning that says why, and the callers keep to their torch code: the same
