@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sda.dae import DenoisingAutoencoder  # noqa: E402
 from sda.data import load_mnist  # noqa: E402
-from sda.device import choose_cpu_matmul, resolve_device, set_cpu_matmul, set_cpu_threads  # noqa: E402
+from sda.device import choose_cpu_matmul, resolve_device, set_cpu_matmul, set_cpu_threads, with_cpu_matmul as on  # noqa: E402
 from sda.finetune import EarlyStopping, finetune  # noqa: E402
 from sda.noise import MaskingNoise  # noqa: E402
 from sda.pretrain import encode, pretrain_layer  # noqa: E402
@@ -76,18 +76,6 @@ def interleaved(fns: dict, device, repeats: int) -> dict[str, float]:
             sync(device)
             seconds[name].append(time.perf_counter() - started)
     return {name: statistics.median(s) for name, s in seconds.items()}
-
-
-def on(library: str | None, fn):
-    """``fn`` with float32 CPU products sent to ``library`` ("blas" or "onednn") while it runs."""
-    if library is None:
-        return fn
-
-    def call():
-        set_cpu_matmul(library)
-        fn()
-
-    return call
 
 
 class PerItemDataset(torch.utils.data.Dataset):

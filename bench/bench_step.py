@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sda.dae import DenoisingAutoencoder, cross_entropy_value_and_reconstruction, reconstruction_cross_entropy  # noqa: E402
 from sda.data import load_mnist  # noqa: E402
-from sda.device import choose_cpu_matmul, resolve_device, set_cpu_matmul, set_cpu_threads  # noqa: E402
+from sda.device import choose_cpu_matmul, resolve_device, set_cpu_threads, with_cpu_matmul as on  # noqa: E402
 from sda.native import built_kernels, visible_major  # noqa: E402
 from sda.noise import MaskingNoise, uniform_int32  # noqa: E402
 from sda.stacked import StackedClassifier, negative_log_likelihood, softmax_nll_and_grad  # noqa: E402
@@ -221,15 +221,6 @@ def torch_ops_finetune_step(model, x, y, lr, softmax_in_c=False, sparse_first_la
         linear.bias.sub_(grad.sum(dim=0), alpha=lr / batch)
         grad = grad_below
     return loss, mistakes
-
-
-def on(library: str, fn):
-    """``fn`` with float32 CPU products sent to ``library`` ("blas" or "onednn") while it runs."""
-    def call(*args):
-        set_cpu_matmul(library)
-        return fn(*args)
-
-    return call
 
 
 def sync(device):

@@ -34,6 +34,18 @@ def set_cpu_matmul(library: str) -> None:
     torch.backends.mkldnn.matmul.fp32_precision = _FP32_PRECISION[library]
 
 
+def with_cpu_matmul(library: str | None, fn: Callable) -> Callable:
+    """``fn`` calling ``set_cpu_matmul(library)`` first (``fn`` itself for None): for benchmarks that interleave the libraries."""
+    if library is None:
+        return fn
+
+    def call(*args, **kwargs):
+        set_cpu_matmul(library)
+        return fn(*args, **kwargs)
+
+    return call
+
+
 def cpu_matmul() -> str:
     """The library float32 CPU products go to now: "blas" or "onednn"."""
     return "onednn" if torch.backends.mkldnn.matmul.fp32_precision == _FP32_PRECISION["onednn"] else "blas"

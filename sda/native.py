@@ -261,10 +261,11 @@ def cpu_kernels(*float32: torch.Tensor, int64: tuple[torch.Tensor, ...] = ()) ->
 
 
 def describe_cpu_kernels(device: torch.device) -> str:
-    """For a stage's log, and building the kernels before its progress bars: what runs the elementwise parts."""
+    """For a stage's log, and building the kernels before its progress bars: whether sda/kernels.c runs the steps' parts."""
     if device.type != "cpu":
         return ""
-    return "elementwise parts in C" if built_kernels() else "elementwise parts by torch ops (no C kernels: see the warning)"
+    return ("C kernels (sda/kernels.c) for the steps' elementwise parts and some products" if built_kernels()
+            else "torch ops only (no C kernels: see the warning)")
 
 
 @cache
