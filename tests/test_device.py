@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from sda.dae import DenoisingAutoencoder
-from sda.device import choose_cpu_matmul, float32_products_are_exact, float32_relative_error
+from sda.device import (choose_cpu_matmul, cpu_matmul, float32_products_are_exact, float32_relative_error, set_cpu_matmul,
+                        with_cpu_matmul)
 from tests.conftest import ROOT
 
 
@@ -72,6 +73,23 @@ def test_a_training_run_is_the_same_float32_computation_under_either_library(res
 def test_an_unknown_choice_names_the_variable(restore_cpu_matmul):
     with pytest.raises(ValueError, match="SDA_CPU_MATMUL must be one of .*'mkl'"):
         choose_cpu_matmul("mkl")
+
+
+def test_with_cpu_matmul_sets_its_library_at_every_call_and_passes_the_result_through(restore_cpu_matmul):
+    seen = []
+
+    def product(a, b, scale=1.0):
+        seen.append(cpu_matmul())
+        return scale * a @ b
+
+    on_blas, on_onednn = with_cpu_matmul("blas", product), with_cpu_matmul("onednn", product)
+    a, b = torch.ones(2, 3), torch.ones(3, 2)
+    assert torch.equal(on_onednn(a, b, scale=2.0), torch.full((2, 2), 6.0))
+    assert torch.equal(on_blas(a, b), torch.full((2, 2), 3.0))
+    set_cpu_matmul("onednn")
+    on_blas(a, b)
+    assert seen == ["onednn", "blas", "blas"]
+    assert with_cpu_matmul(None, product) is product
 
 
 def test_a_stage_with_a_bad_choice_stops_with_one_line_and_writes_nothing(tmp_path):
