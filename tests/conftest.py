@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +20,19 @@ def tiny_digits_params() -> dict:
         layer.update(units=24, epochs=3, batch_size=20, lr=0.1)
     params["finetune"].update(max_epochs=6, patience=3, batch_size=20)
     return params
+
+
+def on_one_thread_and_on_two(compute):
+    """``compute()``'s results with torch (and the C kernels, which share its threads) on 1 thread, then on 2."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(compute())
+        return results
+    finally:
+        torch.set_num_threads(threads)
 
 
 def pipeline_env() -> dict:

@@ -12,7 +12,7 @@ from sda.dae import DenoisingAutoencoder, reconstruction_cross_entropy
 from sda.native import built_kernels, cpu_kernels, is_visible_major, visible_major
 from sda.noise import MaskingNoise, uniform_int32
 from sda.stacked import StackedClassifier, negative_log_likelihood
-from tests.conftest import ROOT
+from tests.conftest import ROOT, on_one_thread_and_on_two
 
 KERNELS = built_kernels()
 # CI and this machine have a compiler; a checkout without one runs the fallback test below only.
@@ -221,15 +221,13 @@ def test_backward_and_update_gives_the_same_bits_on_one_thread_and_on_two_and_ch
     g = torch.Generator().manual_seed(5)
     weight, grad = torch.randn(1000, 1000, generator=g), torch.randn(20, 1000, generator=g)
     below = torch.rand(20, 1000, generator=g)
-    threads, results = torch.get_num_threads(), []
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            updated = weight.clone()
-            results.append((KERNELS.backward_and_update(updated, grad, below, -0.1, True), updated))
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+    def backward_and_update():
+        updated = weight.clone()
+        return KERNELS.backward_and_update(updated, grad, below, -0.1, True), updated
+
+    (one_below, one_weight), (two_below, two_weight) = on_one_thread_and_on_two(backward_and_update)
+    assert torch.equal(one_below, two_below) and torch.equal(one_weight, two_weight)
     with pytest.raises(ValueError, match=r"grad \(20, 1000\), weight \(1000, 999\) and below \(20, 1000\) do not chain"):
         KERNELS.backward_and_update(torch.zeros(1000, 999), grad, below, 0.1, True)
     with pytest.raises(ValueError, match="weight must be a contiguous CPU torch.float32"):

@@ -14,6 +14,7 @@ from sda.native import built_kernels, is_visible_major, sparse_input_layout, vis
 from sda.noise import MaskingNoise
 from sda.pretrain import pretrain_layer
 from sda.stacked import StackedClassifier
+from tests.conftest import on_one_thread_and_on_two
 
 KERNELS = built_kernels()
 needs_kernels = pytest.mark.skipif(KERNELS is None, reason="sda/kernels.c did not build here (see the warning)")
@@ -74,17 +75,14 @@ def test_sparse_products_give_the_same_bits_on_one_thread_and_on_two():
     weight = visible_major(torch.randn(1000, 784, generator=g))
     bias, grad = torch.randn(1000, generator=g), torch.randn(32, 1000, generator=g)
     listed = KERNELS.nonzeros_by_column(x)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            updated = visible_major(weight)
-            KERNELS.sparse_rank_update(updated, listed, grad, -0.1)
-            results.append((KERNELS.sparse_times(listed, weight, bias), updated))
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+    def products():
+        updated = visible_major(weight)
+        KERNELS.sparse_rank_update(updated, listed, grad, -0.1)
+        return KERNELS.sparse_times(listed, weight, bias), updated
+
+    (one_times, one_updated), (two_times, two_updated) = on_one_thread_and_on_two(products)
+    assert torch.equal(one_times, two_times) and torch.equal(one_updated, two_updated)
 
 
 @needs_kernels
