@@ -73,15 +73,11 @@ def _exit_on_interrupt(signum, frame) -> None:
     os._exit(130)
 
 
-class SweepError(RuntimeError):
-    """A sweep (stages.ablate, stages.table1) cannot start or one of its points failed."""
-
-
-def run(main: Callable[[], None]) -> None:
-    """Run a stage or a sweep; known failures become one clear line on stderr and a non-zero exit."""
+def run(main: Callable[[], None], known_errors: tuple[type[Exception], ...] = ()) -> None:
+    """Run a stage or a tool; known failures (and ``known_errors``) become one clear line on stderr and a non-zero exit."""
     signal.signal(signal.SIGINT, _exit_on_interrupt)
     try:
         main()
-    except (ParamsError, DataSourceError, DivergenceError, SweepError, FileNotFoundError, ValueError) as err:
+    except (ParamsError, DataSourceError, DivergenceError, FileNotFoundError, ValueError, *known_errors) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2 if isinstance(err, ParamsError) else 1)

@@ -2,14 +2,18 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
 
+from sweeps.dvc_queue import describe, is_dvc, kill, repo_processes
+
 ROOT = Path(__file__).resolve().parents[1]
-TRACKED = ["sda", "stages", "dvc.yaml", "params.yaml", ".gitignore", "pyproject.toml"]
+TRACKED = ["sda", "stages", "sweeps", "dvc.yaml", "params.yaml", ".gitignore", "pyproject.toml"]
 
 
 def tiny_digits_params() -> dict:
@@ -35,6 +39,9 @@ def on_one_thread_and_on_two(compute):
         torch.set_num_threads(threads)
 
 
+SESSION = str(os.getpid())
+
+
 def pipeline_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "SDA_"))}
     env.update(
@@ -42,6 +49,7 @@ def pipeline_env() -> dict:
         MLFLOW_DISABLE_TELEMETRY="true",
         DVC_NO_ANALYTICS="1",
         SDA_THREADS="1",
+        SDA_TEST_SESSION=SESSION,  # marks the suite's processes for the final check (pytest_sessionfinish)
         GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
         GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com",
     )
@@ -49,11 +57,11 @@ def pipeline_env() -> dict:
 
 
 class PipelineRepo:
-    """A temporary git + DVC repository holding a copy of the project."""
+    """A temporary git + DVC repository holding a copy of the project (of ``tracked``)."""
 
-    def __init__(self, path: Path, params: dict):
+    def __init__(self, path: Path, params: dict, tracked: tuple[str, ...] | list[str] = TRACKED):
         self.path = path
-        for name in TRACKED:
+        for name in tracked:
             source = ROOT / name
             if source.is_dir():
                 shutil.copytree(source, path / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -67,10 +75,26 @@ class PipelineRepo:
         self.commit("initial")
 
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-        done = subprocess.run(cmd, cwd=self.path, env=self.env, capture_output=True, text=True)
+        """Run ``cmd`` in the repository; its output is read from files, never from pipes that a
+        detached DVC queue worker could inherit and hold open after ``cmd`` has exited."""
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            returncode = subprocess.run(cmd, cwd=self.path, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=err).returncode
+            out.seek(0)
+            err.seek(0)
+            done = subprocess.CompletedProcess(cmd, returncode, out.read(), err.read())
         if check and done.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} exited {done.returncode}\n{done.stdout}\n{done.stderr}")
         return done
+
+    def stop_leftovers(self) -> str:
+        """Stop the DVC queue and kill every process still working in the repository; describe them ("" if none)."""
+        leftovers = repo_processes(self.path, dvc_only=False)
+        if not leftovers:
+            return ""
+        described = describe(leftovers)
+        self.run("dvc", "queue", "stop", "--kill", check=False)
+        kill(repo_processes(self.path, dvc_only=False))
+        return described
 
     def commit(self, message: str) -> None:
         self.run("git", "add", "-A")
@@ -89,6 +113,27 @@ class PipelineRepo:
 
 
 @pytest.fixture
-def pipeline_repo(tmp_path) -> PipelineRepo:
+def pipeline_repo(tmp_path):
+    """A PipelineRepo on the tiny digits params; at teardown, also after a failure or a timeout,
+    its queue is stopped and whatever still runs in it is killed."""
     (tmp_path / "repo").mkdir()
-    return PipelineRepo(tmp_path / "repo", tiny_digits_params())
+    repo = PipelineRepo(tmp_path / "repo", tiny_digits_params())
+    yield repo
+    leftovers = repo.stop_leftovers()
+    if leftovers:
+        print(f"\nteardown killed processes left running in {repo.path}: {leftovers}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite fails if any dvc process it started is still alive at its end (they are killed)."""
+    leftovers = []
+    for process in psutil.process_iter():
+        try:
+            if is_dvc(process) and process.environ().get("SDA_TEST_SESSION") == SESSION:
+                leftovers.append(process)
+        except psutil.Error:
+            continue
+    if leftovers:
+        print(f"\nerror: the tests left dvc processes running (now killed): {describe(leftovers)}", file=sys.stderr)
+        kill(leftovers)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -18,7 +18,7 @@ def point_runs(repo):
 
 
 def ablate(repo, *args):
-    return repo.run(sys.executable, "-m", "stages.ablate", *args)
+    return repo.run(sys.executable, "-m", "sweeps.ablate", *args)
 
 
 def test_a_three_point_sweep_with_two_workers(pipeline_repo):
@@ -89,7 +89,7 @@ def test_four_points_two_workers_and_no_store_beforehand_lose_and_duplicate_noth
 def test_uncommitted_changes_are_refused_before_anything_runs(pipeline_repo):
     repo = pipeline_repo
     (repo.path / "stages" / "pretrain.py").write_text((repo.path / "stages" / "pretrain.py").read_text() + "\n# edit\n")
-    done = repo.run(sys.executable, "-m", "stages.ablate", "--nu", "0", "0.1", check=False)
+    done = repo.run(sys.executable, "-m", "sweeps.ablate", "--nu", "0", "0.1", check=False)
     assert done.returncode == 1
     assert "commit these first" in done.stderr and "stages/pretrain.py" in done.stderr
     assert not (repo.path / "mlflow.db").exists()
@@ -97,7 +97,7 @@ def test_uncommitted_changes_are_refused_before_anything_runs(pipeline_repo):
 
 def test_bad_sweep_arguments_name_the_option(pipeline_repo):
     repo = pipeline_repo
-    done = repo.run(sys.executable, "-m", "stages.ablate", "--nu", "0", "1.2", check=False)
+    done = repo.run(sys.executable, "-m", "sweeps.ablate", "--nu", "0", "1.2", check=False)
     assert done.returncode == 2 and "error: --nu 1.2: pretrain.layer1.corruption: must be a number in [0, 1)" in done.stderr
-    done = repo.run(sys.executable, "-m", "stages.ablate", "--layers", "layer7", check=False)
+    done = repo.run(sys.executable, "-m", "sweeps.ablate", "--layers", "layer7", check=False)
     assert done.returncode == 2 and "error: --layers: 'layer7' is not a layer" in done.stderr

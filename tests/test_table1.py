@@ -3,7 +3,7 @@
 import pytest
 
 from sda.data import BENCHMARKS
-from stages.table1 import PAPER, overlap, profile_overrides
+from sweeps.table1 import PAPER, overlap, profile_overrides
 
 
 def test_every_benchmark_has_the_papers_numbers():

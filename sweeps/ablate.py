@@ -1,7 +1,7 @@
 """Corruption sweep: one DVC experiment per nu, run by parallel queue workers, compared in MLflow.
 
-    python -m stages.ablate                                   # nu 0 .1 .25 .4 .5 on every layer
-    python -m stages.ablate --nu 0 0.25 0.5 --layers layer3 --jobs 2 --dataset digits
+    python -m sweeps.ablate                                   # nu 0 .1 .25 .4 .5 on every layer
+    python -m sweeps.ablate --nu 0 0.25 0.5 --layers layer3 --jobs 2 --dataset digits
 
 Steps: (1) create the MLflow store once; (2) run the stages that every point shares (data, and
 the layers below the lowest swept one) once, in a temporary DVC experiment, which fills DVC's
@@ -24,28 +24,13 @@ from pathlib import Path
 import yaml
 
 from sda.data import DATASETS
-from stages.common import SweepError, run
+from stages.common import run
 from stages.params import ParamsError, load_params, parse_params
-from stages.sweep_report import FILTER_LEVELS, filter_figure, plot_error_against_nu, write_table
 from stages.track import download_artifact, finished_runs, flatten, find_point_run, log_sweep, open_store
+from sweeps.dvc_queue import SweepError, dvc, run_queue
+from sweeps.report import FILTER_LEVELS, filter_figure, plot_error_against_nu, write_table
 
 DEFAULT_NU = (0.0, 0.1, 0.25, 0.4, 0.5)
-
-
-def dvc(*args: str, env: dict | None = None, echo: bool = True) -> str:
-    if echo:
-        print("$ dvc " + " ".join(args), flush=True)
-    # Output goes to files, not pipes: `dvc exp run --run-all` leaves detached queue workers that
-    # inherit its output, and a pipe stays open until the last of them exits. Here one worker once
-    # stayed alive, asleep, 10 min after the queue was done, and the sweep waited on its pipe.
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        returncode = subprocess.run(["dvc", *args], stdout=out, stderr=err, text=True, env=env).returncode
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if returncode != 0:
-        raise SweepError(f"`dvc {' '.join(args)}` failed:\n{stdout[-3000:]}{stderr[-3000:]}")
-    return stdout
 
 
 def check_committed() -> None:
@@ -118,10 +103,8 @@ def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]]
         names[name] = point
     started = time.perf_counter()
     print(f"running {len(points)} points with {jobs} workers x {threads} torch threads ...", flush=True)
-    dvc("exp", "run", "--run-all", "--jobs", str(jobs), env=env)
-    # --run-all returns while its detached workers idle on for minutes; stop them, so that nothing
-    # of the sweep outlives it (the queue was empty before, so they are this sweep's own).
-    dvc("queue", "stop", echo=False)
+    # The queue was empty before, so the workers it stops are this sweep's own.
+    run_queue(jobs, env)
     # Only this sweep's entries: the queue remembers earlier sweeps' failures too.
     failed = [line for line in dvc("queue", "status", echo=False).splitlines()
               if "Failed" in line.split() and set(line.split()) & set(names)]
@@ -200,4 +183,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, known_errors=(SweepError,))

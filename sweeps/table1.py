@@ -1,10 +1,10 @@
 """ICML 2008 Table 1: SdA-3 and SAA-3 on the eight benchmarks, next to the paper's numbers.
 
-    python -m stages.table1 --profile reduced --datasets mnist-basic rect convex   # CPU, minutes
-    python -m stages.table1 --profile full                                          # all eight: a GPU job
+    python -m sweeps.table1 --profile reduced --datasets mnist-basic rect convex   # CPU, minutes
+    python -m sweeps.table1 --profile full                                          # all eight: a GPU job
 
 For each dataset it runs SAA-3 (nu = 0 in every layer) and SdA-3 at every nu of --nu (default
-0.1 0.25 0.4, in every layer) as queued DVC experiments (the sweep machinery of stages/ablate.py:
+0.1 0.25 0.4, in every layer) as queued DVC experiments (the sweep machinery of sweeps/ablate.py:
 one shared `prepare` per dataset, parallel workers, one MLflow run per point), picks SdA-3's nu by
 the validation error as the paper did, and writes reports/table1/<id>/table1.md and .json: our test
 error +- 95% CI beside the paper's SdA-3 and SAA-3, with "overlap" where the two CIs overlap.
@@ -22,10 +22,11 @@ import yaml
 
 from sda.artifacts import save_json, save_text
 from sda.data import BENCHMARKS
-from stages.ablate import apply_overrides, default_threads, run_points
 from stages.common import run
 from stages.params import ParamsError, load_params
 from stages.track import flatten, log_sweep
+from sweeps.ablate import apply_overrides, default_threads, run_points
+from sweeps.dvc_queue import SweepError
 
 # ICML 2008 Table 1 (../shared/paper/tables.md): test error %, half-width of the 95% CI, SdA-3's nu.
 PAPER = {
@@ -122,4 +123,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, known_errors=(SweepError,))

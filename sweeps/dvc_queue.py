@@ -1,0 +1,128 @@
+"""DVC commands and DVC's experiment queue, run so that nothing of them outlives the command.
+
+`dvc exp run --run-all --jobs N` starts each queue worker from a forked helper process that
+inherits the caller's stdout and stderr and waits for its worker. A worker normally exits once it
+has been idle a few seconds, but on some machines one sleeps on long after the queue is empty, and
+whatever reads those pipes (``subprocess.run(..., capture_output=True)``) waits with it. So every
+dvc command here writes its output to files, and after the queue has run its workers are asked to
+stop (`dvc queue stop`), given a grace period, then killed, with a line saying so.
+"""
+
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+STOP_HINT = "see them with `dvc queue status`, stop them with `dvc queue stop`"
+
+
+class SweepError(RuntimeError):
+    """A sweep (sweeps.ablate, sweeps.table1) cannot start or one of its points failed."""
+
+
+def dvc(*args: str, env: dict | None = None, echo: bool = True) -> str:
+    """Run ``dvc args`` in the working directory; its stdout, or SweepError with its output's end."""
+    if echo:
+        print("$ dvc " + " ".join(args), flush=True)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        returncode = subprocess.run(["dvc", *args], stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env).returncode
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if returncode != 0:
+        raise SweepError(f"`dvc {' '.join(args)}` failed:\n{stdout[-3000:]}{stderr[-3000:]}")
+    return stdout
+
+
+def is_dvc(process: psutil.Process) -> bool:
+    """True for a dvc command line: the `dvc` entry point or ``python .../dvc/__main__.py`` (dvc's daemons)."""
+    return any(Path(arg).name == "dvc" or arg.endswith(f"dvc{os.sep}__main__.py") for arg in process.cmdline()[:2])
+
+
+def repo_processes(repo: Path, since: float = 0.0, dvc_only: bool = True) -> list[psutil.Process]:
+    """Live processes working inside ``repo`` (their working directory is in it), started at ``since``
+    or later, this process and its ancestors excepted.
+
+    With ``dvc_only``, the dvc processes among them (queue workers and their helpers, `dvc exp
+    exec-run`) and everything those started (the stages of an experiment).
+    """
+    repo = repo.resolve()
+    own = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    found: dict[int, psutil.Process] = {}
+    for process in psutil.process_iter():
+        try:
+            if process.pid in own or process.create_time() < since:
+                continue
+            cwd = Path(process.cwd())
+            if cwd != repo and repo not in cwd.parents:
+                continue
+            if not dvc_only:
+                found[process.pid] = process
+            elif is_dvc(process):
+                found[process.pid] = process
+                found.update((child.pid, child) for child in process.children(recursive=True))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return list(found.values())
+
+
+def describe(processes: list[psutil.Process]) -> str:
+    names = []
+    for process in processes:
+        try:
+            names.append(f"{process.pid} ({' '.join(process.cmdline()[1:5])})")
+        except psutil.Error:
+            names.append(str(process.pid))
+    return ", ".join(names)
+
+
+def kill(processes: list[psutil.Process], grace: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL for what is still alive after ``grace`` seconds; wait until all are gone."""
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+
+
+def stop_workers(repo: Path, since: float, kill_running: bool = False, grace: float = 10.0) -> str:
+    """Stop the queue workers of ``repo`` started at ``since`` or later; describe those that had to be killed ("" if none).
+
+    `dvc queue stop` asks the workers to exit (``kill_running`` also kills the experiments they are
+    running); whatever dvc process of the queue is still alive ``grace`` seconds later is killed.
+    """
+    try:
+        dvc("queue", "stop", *(["--kill"] if kill_running else []), echo=False)
+    except SweepError as err:  # the processes are killed below all the same
+        print(f"warning: {err}", flush=True)
+    _, lingering = psutil.wait_procs(repo_processes(repo, since), timeout=grace)
+    killed = describe(lingering)
+    kill(lingering)
+    return killed
+
+
+def run_queue(jobs: int, env: dict | None = None) -> None:
+    """Run every queued experiment of the working directory's repository with ``jobs`` workers.
+
+    Returns when the queue is done and none of its workers is left, also when dvc fails or this
+    process is interrupted. A worker still alive after the queue is done is killed, with a line
+    saying so.
+    """
+    repo, started, done = Path.cwd(), time.time(), False
+    try:
+        dvc("exp", "run", "--run-all", "--jobs", str(jobs), env=env)
+        done = True
+    finally:
+        killed = stop_workers(repo, started, kill_running=not done)
+        if killed:
+            print(f"stopped DVC queue processes still alive after the queue was done: {killed}; {STOP_HINT}", flush=True)
