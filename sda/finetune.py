@@ -10,8 +10,8 @@ from tqdm.auto import tqdm
 
 from sda.graphs import replay_as_cuda_graph
 from sda.native import sparse_input_layout
-from sda.stacked import StackedClassifier
-from sda.training import DivergenceError, shuffled_batches
+from sda.stacked import StackedClassifier, negative_log_likelihood
+from sda.training import check_epoch_loss, shuffled_batches
 
 
 @dataclass
@@ -75,6 +75,7 @@ def finetune(
     """Minibatch SGD on the negative log-likelihood; leaves ``model`` at its best-validation state.
 
     The learning rate is multiplied by ``lr_decay`` after every epoch. The test set is never seen.
+    Raises DivergenceError as soon as an epoch's loss has diverged (sda/training.py's check_epoch_loss).
     On CUDA, full batches replay the step as a CUDA graph, recorded again for each epoch's rate,
     unless ``cuda_graph`` is False (sda/graphs.py).
     """
@@ -83,6 +84,8 @@ def finetune(
     # Accumulated on the device: a .item() per step would stall a GPU every batch.
     total_loss = torch.zeros((), device=x_train.device, dtype=x_train.dtype)
     mistakes = torch.zeros((), device=x_train.device, dtype=torch.long)
+    with torch.no_grad():
+        initial_loss = negative_log_likelihood(model(x_train[:batch_size]), y_train[:batch_size]).item()
     use_graph = cuda_graph and x_train.device.type == "cuda" and x_train.shape[0] >= batch_size
     # Mostly-zero inputs (MNIST's pixels): the first layer's products from the nonzeros only.
     with sparse_input_layout(model.encoders[0].weight, x_train):
@@ -112,8 +115,7 @@ def finetune(
             for x, y in shuffled_batches((x_train, y_train), batch_size, generator):
                 (full_batch_step if x.shape[0] == batch_size else step)(x, y)
             train_loss = total_loss.item() / x_train.shape[0]
-            if not math.isfinite(train_loss):
-                raise DivergenceError(f"finetune: training loss became {train_loss} at epoch {epoch} (lr={epoch_lr})")
+            check_epoch_loss("finetune", epoch, train_loss, initial_loss, epoch_lr)
             model.eval()
             record = EpochRecord(
                 epoch=epoch,

@@ -1,7 +1,6 @@
 """Greedy layer-wise pretraining of one denoising autoencoder on a tensor of clean codes."""
 
 import copy
-import math
 from collections.abc import Callable
 
 import torch
@@ -11,7 +10,7 @@ from sda.dae import DenoisingAutoencoder
 from sda.graphs import replay_as_cuda_graph
 from sda.native import sparse_input_layout
 from sda.noise import MaskingNoise
-from sda.training import DivergenceError, shuffled_batches
+from sda.training import check_epoch_loss, shuffled_batches
 
 
 def pretrain_layer(
@@ -30,7 +29,8 @@ def pretrain_layer(
 
     Returns the mean training reconstruction loss of each epoch (against the clean input, on the
     corrupted input the step saw). Raises DivergenceError naming ``name`` and the epoch as soon as
-    an epoch's loss is not finite, before anything is returned for saving. On CUDA, full batches
+    an epoch's loss has diverged (sda/training.py's check_epoch_loss), before anything is returned
+    for saving. On CUDA, full batches
     replay the step as a CUDA graph unless ``cuda_graph`` is False (sda/graphs.py).
     """
     # Accumulated on the device: a .item() per step would stall a GPU every batch.
@@ -48,6 +48,7 @@ def pretrain_layer(
             warm_up=lambda: spare.sgd_step(noise(example, spare_generator), example, lr),
             generator=generator,
         )
+    initial_loss = reconstruction_loss(dae, codes[:batch_size])
     losses: list[float] = []
     with sparse_input_layout(dae.weight, codes):  # mostly-zero inputs (MNIST's pixels): sparse products
         for epoch in tqdm(range(1, epochs + 1), desc=f"pretrain {name}", unit="epoch"):
@@ -55,11 +56,7 @@ def pretrain_layer(
             for (clean,) in shuffled_batches((codes,), batch_size, generator):
                 (full_batch_step if clean.shape[0] == batch_size else step)(clean)
             epoch_loss = total.item() / codes.shape[0]
-            if not math.isfinite(epoch_loss):
-                raise DivergenceError(
-                    f"{name}: reconstruction loss became {epoch_loss} at epoch {epoch} (lr={lr}); "
-                    "lower the learning rate"
-                )
+            check_epoch_loss(name, epoch, epoch_loss, initial_loss, lr)
             losses.append(epoch_loss)
             if on_epoch is not None:
                 on_epoch(epoch, epoch_loss)

@@ -1,15 +1,37 @@
-"""What the two training loops share: one epoch's shuffled minibatches, and the error for a diverged loss.
+"""What the two training loops share: one epoch's shuffled minibatches, and the rule for a diverged loss.
 
 Kept apart from sda/pretrain.py so that fine-tuning (and its DVC stage) does not depend on the
 pretraining loop: a new corruption process re-runs the pretraining stages, not fine-tuning, when
 their outputs come out the same.
 """
 
+import math
+
 import torch
+
+# An epoch whose mean training loss exceeds this many times the untrained model's loss has diverged.
+DIVERGENCE_FACTOR = 10.0
 
 
 class DivergenceError(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite, or grew far above the untrained model's (check_epoch_loss)."""
+
+
+def check_epoch_loss(name: str, epoch: int, loss: float, initial_loss: float, lr: float) -> None:
+    """Raise DivergenceError naming ``name`` and ``epoch`` if the epoch's mean training ``loss`` has diverged.
+
+    Diverged: not finite, or above DIVERGENCE_FACTOR times ``initial_loss``, the loss of the untrained
+    model on the first training batch. Training lowers the loss from there; a step size far too large
+    sends it up by orders of magnitude while it may stay finite (lr 1e30 gives pretraining losses near 1e30),
+    which would otherwise train on and save a useless model.
+    """
+    if not math.isfinite(loss):
+        raise DivergenceError(f"{name}: training loss became {loss} at epoch {epoch} (lr={lr}); lower the learning rate")
+    if loss > DIVERGENCE_FACTOR * initial_loss:
+        raise DivergenceError(
+            f"{name}: training loss {loss:.4g} at epoch {epoch} is over {DIVERGENCE_FACTOR:g} times the untrained "
+            f"model's {initial_loss:.4g}: training diverged (lr={lr}); lower the learning rate"
+        )
 
 
 def shuffled_batches(tensors: tuple[torch.Tensor, ...], batch_size: int, generator: torch.Generator):
