@@ -3,6 +3,7 @@
 import copy
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -11,7 +12,7 @@ from tqdm.auto import tqdm
 from sda.graphs import replay_as_cuda_graph
 from sda.native import sparse_input_layout
 from sda.stacked import StackedClassifier, negative_log_likelihood
-from sda.training import check_epoch_loss, shuffled_batches
+from sda.training import check_engine, check_epoch_loss, shuffled_batches
 
 
 @dataclass
@@ -58,6 +59,29 @@ class FinetuneResult:
     history: list[EpochRecord] = field(default_factory=list)
 
 
+def finetune_step(
+    model: StackedClassifier, momentum: float, engine: str
+) -> Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]:
+    """``step(x, y, lr)``: one SGD step (with ``momentum``) on the batch-mean NLL; returns the loss and
+    the number of misclassified examples, both before the step."""
+    if check_engine(engine) == "fused":
+        velocity = model.momentum_buffers() if momentum else None
+        return lambda x, y, lr: model.sgd_step(x, y, lr, momentum, velocity)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=momentum)
+
+    def step(x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(x)
+        loss = negative_log_likelihood(logits, y)
+        loss.backward()
+        optimizer.step()
+        return loss.detach(), (logits.detach().argmax(dim=1) != y).sum()
+
+    return step
+
+
 def finetune(
     model: StackedClassifier,
     train: tuple[torch.Tensor, torch.Tensor],
@@ -71,24 +95,27 @@ def finetune(
     lr_decay: float = 1.0,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     cuda_graph: bool = True,
+    engine: str = "fused",
 ) -> FinetuneResult:
     """Minibatch SGD on the negative log-likelihood; leaves ``model`` at its best-validation state.
 
     The learning rate is multiplied by ``lr_decay`` after every epoch. The test set is never seen.
     Raises DivergenceError as soon as an epoch's loss has diverged (sda/training.py's check_epoch_loss).
-    On CUDA, full batches replay the step as a CUDA graph, recorded again for each epoch's rate,
-    unless ``cuda_graph`` is False (sda/graphs.py).
+    ``engine`` runs the steps (sda/training.py): ``fused`` or ``autograd``. On CUDA, full batches
+    replay the fused step as a CUDA graph, recorded again for each epoch's rate, unless
+    ``cuda_graph`` is False (sda/graphs.py).
     """
     x_train, y_train = train
-    velocity = model.momentum_buffers() if momentum else None
+    train_step = finetune_step(model, momentum, engine)
+    fused = engine == "fused"
     # Accumulated on the device: a .item() per step would stall a GPU every batch.
     total_loss = torch.zeros((), device=x_train.device, dtype=x_train.dtype)
     mistakes = torch.zeros((), device=x_train.device, dtype=torch.long)
     with torch.no_grad():
         initial_loss = negative_log_likelihood(model(x_train[:batch_size]), y_train[:batch_size]).item()
-    use_graph = cuda_graph and x_train.device.type == "cuda" and x_train.shape[0] >= batch_size
-    # Mostly-zero inputs (MNIST's pixels): the first layer's products from the nonzeros only.
-    with sparse_input_layout(model.encoders[0].weight, x_train):
+    use_graph = fused and cuda_graph and x_train.device.type == "cuda" and x_train.shape[0] >= batch_size
+    # Mostly-zero inputs (MNIST's pixels): the fused steps' first-layer products from the nonzeros only.
+    with sparse_input_layout(model.encoders[0].weight, x_train) if fused else nullcontext():
         best_state = copy.deepcopy(model.state_dict())
         result = FinetuneResult(best_epoch=0, best_valid_error=math.inf)
         progress = tqdm(range(1, max_epochs + 1), desc="finetune", unit="epoch")
@@ -99,13 +126,14 @@ def finetune(
             mistakes.zero_()
 
             def step(x: torch.Tensor, y: torch.Tensor) -> None:
-                loss, batch_mistakes = model.sgd_step(x, y, epoch_lr, momentum, velocity)
+                loss, batch_mistakes = train_step(x, y, epoch_lr)
                 total_loss.add_(loss, alpha=x.shape[0])
                 mistakes.add_(batch_mistakes)
 
             full_batch_step = step
             if use_graph:
-                spare, spare_velocity = copy.deepcopy(model), copy.deepcopy(velocity)
+                spare = copy.deepcopy(model)
+                spare_velocity = spare.momentum_buffers() if momentum else None
                 example = (x_train[:batch_size], y_train[:batch_size])
                 full_batch_step = replay_as_cuda_graph(
                     step,
@@ -136,7 +164,3 @@ def finetune(
     result.best_epoch, result.best_valid_error = stopping.best_epoch, stopping.best_error
     return result
 
-
-def confidence_interval_95(error: float, n: int) -> float:
-    """Half-width of the normal-approximation 95% CI of an error rate measured on n examples."""
-    return 1.96 * math.sqrt(error * (1.0 - error) / n)

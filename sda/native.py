@@ -52,7 +52,8 @@ class Kernels:
     """Typed calls into the built library; every tensor must be on the CPU, of the dtype named, contiguous or,
     where a method says so, with contiguous but padded rows."""
 
-    def __init__(self, library: ctypes.CDLL):
+    def __init__(self, library: ctypes.CDLL, build: str):
+        self.build = build  # the compiler command that built it, for the record of how a run was computed
         self._random_subsets = library.random_subsets
         self._random_subsets.argtypes = [_P, _I, _I, _I, _P, _P]
         self._random_subsets.restype = None
@@ -287,7 +288,7 @@ def built_kernels() -> Kernels | None:
                 return _unavailable(f"the C compiler {compiler!r} could not run: {error}")
             if done.returncode == 0:
                 try:  # loaded before the directory goes: the mapping outlives the file
-                    return Kernels(ctypes.CDLL(str(library)))
+                    return Kernels(ctypes.CDLL(str(library)), f"{compiler} {' '.join(flags)}")
                 except OSError as error:
                     failures.append(f"{' '.join(flags)}: built, but does not load: {error}")
             else:
@@ -296,7 +297,17 @@ def built_kernels() -> Kernels | None:
     return _unavailable(f"{compiler!r} failed to build {SOURCE.name}: " + " | ".join(failures))
 
 
+def kernels_record() -> str:
+    """How the C kernels were built in this process ("cc -march=native ..."), or why they were not ("none: ...")."""
+    kernels = built_kernels()
+    return kernels.build if kernels is not None else f"none: {_why_unavailable[0]}"
+
+
+_why_unavailable = ["not asked for"]
+
+
 def _unavailable(reason: str) -> None:
+    _why_unavailable[0] = reason
     warnings.warn(f"sda's C kernels are unavailable, the CPU steps use torch ops instead (pretraining about "
                   f"1.4x slower, different masks for the same seed): {reason}", RuntimeWarning, stacklevel=3)
     return None

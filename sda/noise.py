@@ -39,16 +39,38 @@ class MaskingNoise:
         k = self.masked_count(d)
         if k == 0:
             return x
-        kernels = built_kernels() if x.device.type == "cpu" else None
-        if kernels is not None:  # a partial Fisher-Yates shuffle per row, in C (sda/kernels.c)
-            positions = kernels.random_subsets(uniform_int32(batch * k, generator).view(batch, k), d)
-            if fits(x, torch.float32):
-                return kernels.masked_copy(x, positions)
-        else:
-            # The k smallest of i.i.d. uniform scores are also a uniform k-subset of each row.
-            scores = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            positions = torch.topk(scores, k, dim=1, largest=False, sorted=False).indices
-        return x.scatter(1, positions, 0.0)
+        if x.device.type == "cpu":
+            # A partial Fisher-Yates shuffle per row, from the same draws with or without the C
+            # kernels, so a seed gives the same masks on every CPU machine.
+            draws = uniform_int32(batch * k, generator).view(batch, k)
+            kernels = built_kernels()
+            if kernels is None:
+                return x.scatter(1, random_subsets(draws, d), 0.0)
+            positions = kernels.random_subsets(draws, d)
+            return kernels.masked_copy(x, positions) if fits(x, torch.float32) else x.scatter(1, positions, 0.0)
+        # On a GPU: the k smallest of i.i.d. uniform scores are also a uniform k-subset of each row.
+        scores = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return x.scatter(1, torch.topk(scores, k, dim=1, largest=False, sorted=False).indices, 0.0)
+
+
+def random_subsets(draws: torch.Tensor, d: int) -> torch.Tensor:
+    """Row b: the first k places of a Fisher-Yates shuffle of 0..d-1 driven by row b of ``draws`` (int32, batch x k).
+
+    What sda/kernels.c's random_subsets computes, by torch ops: the i-th swap partner is
+    i + floor(u * (d - i) / 2^32) with u the draw read as unsigned. One column of swaps at a time
+    over the whole batch: k small steps, several times slower than the C loop.
+    """
+    batch, k = draws.shape
+    places = torch.arange(k)
+    partners = places + (((draws.long() & 0xFFFFFFFF) * (d - places)) >> 32)
+    shuffled = torch.arange(d).repeat(batch, 1)
+    rows = torch.arange(batch)
+    for i in range(k):
+        j = partners[:, i]
+        picked = shuffled[rows, j]
+        shuffled[rows, j] = shuffled[:, i].clone()
+        shuffled[:, i] = picked
+    return shuffled[:, :k].clone()
 
 
 def uniform_int32(count: int, generator: torch.Generator | None = None) -> torch.Tensor:

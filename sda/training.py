@@ -1,4 +1,13 @@
-"""What the two training loops share: one epoch's shuffled minibatches, and the rule for a diverged loss.
+"""What the two training loops share: the engines, one epoch's shuffled minibatches, the rule for a diverged loss.
+
+Two engines run a training step. ``autograd`` differentiates the models' own definitions
+(``DenoisingAutoencoder.loss``; ``StackedClassifier.forward`` with ``negative_log_likelihood``) and
+applies ``torch.optim.SGD``: change the model, the loss or the optimizer and it trains what you
+wrote. ``fused`` is the same step with the gradients written out by hand (the models'
+``sgd_step``), C kernels on the CPU and CUDA graphs on a GPU; it implements every configuration
+the params allow today, and tests/test_engines.py checks it against ``autograd`` epoch for epoch.
+A configuration added later that ``fused`` does not implement is to be refused before training,
+naming its params key. Each loop builds its step with ``pretrain_step`` / ``finetune_step``.
 
 Kept apart from sda/pretrain.py so that fine-tuning (and its DVC stage) does not depend on the
 pretraining loop: a new corruption process re-runs the pretraining stages, not fine-tuning, when
@@ -9,12 +18,20 @@ import math
 
 import torch
 
+ENGINES = ("fused", "autograd")
+
 # An epoch whose mean training loss exceeds this many times the untrained model's loss has diverged.
 DIVERGENCE_FACTOR = 10.0
 
 
 class DivergenceError(RuntimeError):
     """The training loss became NaN or infinite, or grew far above the untrained model's (check_epoch_loss)."""
+
+
+def check_engine(engine: str) -> str:
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    return engine
 
 
 def check_epoch_loss(name: str, epoch: int, loss: float, initial_loss: float, lr: float) -> None:

@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from sda.artifacts import load_state, save_json
-from sda.finetune import confidence_interval_95
+from sda.metrics import confidence_interval_95
 from sda.stacked import StackedClassifier
 from stages.common import load_splits, run, setup_torch, stage_parser
+from stages.environment import save_computed_by
 from stages.finetune import MODEL_PATH
 from stages.params import PREPARED_DIR, load_params
 
@@ -44,6 +45,7 @@ def main() -> None:
         recorded = json.loads(Path(f"metrics/pretrain/{layer.name}.json").read_text())
         metrics[f"{layer.name}_train_loss"] = recorded["train_loss"]
     save_json("metrics/evaluate.json", metrics)
+    save_computed_by("evaluate", device, None)
     print(f"test error {metrics['test_error']:.2%} +- {metrics['test_error_ci95']:.2%} (95% CI), "
           f"valid error {metrics['valid_error']:.2%}")
 

@@ -16,6 +16,7 @@ from sda.finetune import EarlyStopping, finetune
 from sda.native import describe_cpu_kernels
 from sda.stacked import StackedClassifier
 from stages.common import describe_device, load_splits, run, setup_torch, stage_generator, stage_parser
+from stages.environment import save_computed_by
 from stages.params import PREPARED_DIR, load_params, model_dir
 
 MODEL_PATH = Path("models/finetuned/weights.pt")
@@ -45,12 +46,13 @@ def main() -> None:
     n_classes = int(splits["train"][1].max().item()) + 1
     model = StackedClassifier.from_autoencoders(daes, n_classes).to(device)
     stopping = EarlyStopping(ft.patience, ft.patience_increase, ft.improvement_threshold)
-    print(f"finetune: {' -> '.join(map(str, [daes[0].n_visible] + [d.n_hidden for d in daes]))} -> {n_classes} on {describe_device(device, describe_cpu_kernels(device))}")
+    print(f"finetune: {' -> '.join(map(str, [daes[0].n_visible] + [d.n_hidden for d in daes]))} -> {n_classes}, {params.engine} engine, on {describe_device(device, describe_cpu_kernels(device))}")
 
     started = time.perf_counter()
     result = finetune(
         model, splits["train"], splits["valid"], ft.lr, ft.batch_size, ft.max_epochs, stopping,
         stage_generator(params.seed, "finetune", device), momentum=ft.momentum, lr_decay=ft.lr_decay,
+        engine=params.engine,
     )
     seconds = time.perf_counter() - started
 
@@ -65,6 +67,7 @@ def main() -> None:
         "epochs_run": len(result.history),
         "seconds": round(seconds, 2),
     })
+    save_computed_by("finetune", device, params.engine)
     print(f"finetune: best valid error {result.best_valid_error:.4%} at epoch {result.best_epoch} of {len(result.history)}, {seconds:.0f}s")
 
 

@@ -12,6 +12,7 @@ import yaml
 
 from sda.data import DATASETS
 from sda.noise import MASKING_MODES
+from sda.training import ENGINES
 
 PREPARED_DIR = "data/prepared"
 
@@ -58,6 +59,7 @@ class Params:
     dataset: str
     layers: tuple[LayerParams, ...]
     finetune: FinetuneParams
+    engine: str = "fused"  # what runs the training steps (sda/training.py)
 
     def layer(self, name: str) -> LayerParams:
         for layer in self.layers:
@@ -66,13 +68,13 @@ class Params:
         raise ParamsError(f"pretrain.{name}: no such layer; params.yaml defines {', '.join(l.name for l in self.layers)}")
 
 
-def _section(value, key: str, allowed: set[str]) -> dict:
+def _section(value, key: str, allowed: set[str], optional: set[str] = frozenset()) -> dict:
     if not isinstance(value, dict):
         raise ParamsError(f"{key}: must be a mapping with keys {sorted(allowed)}, got {type(value).__name__}")
     missing = sorted(allowed - value.keys())
     if missing:
         raise ParamsError(f"{key}.{missing[0]}: missing (required keys: {', '.join(sorted(allowed))})")
-    unknown = sorted(set(value) - allowed)
+    unknown = sorted(set(value) - allowed - optional)
     if unknown:
         raise ParamsError(f"{key}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
     return value
@@ -129,7 +131,8 @@ def _layer(name: str, index: int, raw) -> LayerParams:
 
 
 def parse_params(raw) -> Params:
-    raw = _section(raw, "params.yaml", {"seed", "data", "pretrain", "finetune"})
+    # engine is optional for params files written before it existed: they mean "fused".
+    raw = _section(raw, "params.yaml", {"seed", "data", "pretrain", "finetune"}, optional={"engine"})
     data = _section(raw["data"], "data", {"dataset"})
     pretrain = raw["pretrain"]
     if not isinstance(pretrain, dict) or not pretrain:
@@ -144,6 +147,7 @@ def parse_params(raw) -> Params:
         seed=_int(raw["seed"], "seed", 0),
         dataset=_choice(data["dataset"], "data.dataset", DATASETS),
         layers=tuple(layers),
+        engine=_choice(raw.get("engine", "fused"), "engine", ENGINES),
         finetune=FinetuneParams(
             lr=_number(ft["lr"], "finetune.lr", 0.0, INF, True, True),
             momentum=_number(ft["momentum"], "finetune.momentum", 0.0, 1.0, False, True),

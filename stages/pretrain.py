@@ -17,6 +17,7 @@ from sda.native import describe_cpu_kernels
 from sda.noise import MaskingNoise
 from sda.pretrain import encode, pretrain_layer, reconstruction_loss
 from stages.common import SPLITS, describe_device, load_splits, run, setup_torch, stage_generator, stage_parser
+from stages.environment import save_computed_by
 from stages.params import codes_dir, load_params, model_dir
 
 
@@ -36,11 +37,12 @@ def main() -> None:
     # compares corruption levels from the same initialisation. Drawn on the CPU for every device.
     init = torch.Generator().manual_seed(generator.initial_seed())
     dae = DenoisingAutoencoder(x_train.shape[1], layer.units, generator=init).to(device)
-    print(f"{layer.name}: {x_train.shape[1]} -> {layer.units} units, {noise}, {layer.epochs} epochs on {describe_device(device, describe_cpu_kernels(device))}", flush=True)
+    print(f"{layer.name}: {x_train.shape[1]} -> {layer.units} units, {noise}, {layer.epochs} epochs, {params.engine} engine, on {describe_device(device, describe_cpu_kernels(device))}", flush=True)
 
     started = time.perf_counter()
     losses = pretrain_layer(
-        dae, x_train, noise, layer.epochs, layer.lr, layer.batch_size, generator, name=f"pretrain.{layer.name}"
+        dae, x_train, noise, layer.epochs, layer.lr, layer.batch_size, generator, name=f"pretrain.{layer.name}",
+        engine=params.engine,
     )
     seconds = time.perf_counter() - started
 
@@ -61,6 +63,7 @@ def main() -> None:
         save_split(Path(codes_dir(layer.name)) / f"{name}.npz", codes[name].cpu().numpy(), splits[name][1].cpu().numpy())
     save_text(Path("plots/pretrain") / f"{layer.name}.csv", "epoch,loss\n" + "".join(f"{i},{v:.6f}\n" for i, v in enumerate(losses, 1)))
     save_json(Path("metrics/pretrain") / f"{layer.name}.json", metrics)
+    save_computed_by(f"pretrain@{layer.name}", device, params.engine)
     print(f"{layer.name}: train loss {metrics['train_loss']:.4f}, clean valid reconstruction {metrics['valid_clean_reconstruction']:.4f}, {seconds:.1f}s")
 
 

@@ -31,6 +31,7 @@ from mlflow.entities import Metric, Param  # noqa: E402
 
 from sda.artifacts import save_json  # noqa: E402
 from stages.common import run, stage_parser  # noqa: E402
+from stages.environment import RECORD_DIR  # noqa: E402
 from stages.params import load_params  # noqa: E402
 
 EXPERIMENT = os.environ.get("SDA_MLFLOW_EXPERIMENT", "sda-pipeline")
@@ -89,6 +90,31 @@ def git_commit() -> str:
     return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
+def git_dirty() -> str:
+    """"true" when the pipeline's code (sda/, stages/, dvc.yaml) differs from the commit; params are logged apart."""
+    done = subprocess.run(["git", "status", "--porcelain", "--", "sda", "stages", "dvc.yaml"], capture_output=True, text=True)
+    return "unknown" if done.returncode != 0 else str(bool(done.stdout.strip())).lower()
+
+
+def computed_by_tags(records: dict[str, dict[str, str]]) -> dict[str, str]:
+    """One tag per key of the stages' records (stages/environment.py): the value where every stage
+    that records the key agrees, else each one's value ("pretrain@layer1: ...; finetune: ...")."""
+    tags = {}
+    for key in dict.fromkeys(k for record in records.values() for k in record):
+        values = {stage: record[key] for stage, record in records.items() if key in record}
+        distinct = set(values.values())
+        tags[key] = distinct.pop() if len(distinct) == 1 else "; ".join(f"{stage}: {v}" for stage, v in values.items())
+    return tags
+
+
+def run_name(params, experiment: str) -> str:
+    """What the run is: ``mnist nu 0.1/0.2/0.3 seed 1234`` (and the DVC experiment's name, if any)."""
+    name = f"{params.dataset} nu {'/'.join(f'{l.corruption:g}' for l in params.layers)} seed {params.seed}"
+    if params.engine != "fused":
+        name += f" {params.engine}"
+    return f"{name} ({experiment})" if experiment else name
+
+
 def collect(params_path: str) -> tuple[dict, dict, list[Metric], list[Path]]:
     """Params, tags, metrics (final and per-epoch) and artifact files of the current workspace."""
     params = load_params(params_path)
@@ -114,22 +140,31 @@ def collect(params_path: str) -> tuple[dict, dict, list[Metric], list[Path]]:
             add(f"pretrain.{layer.name}.epoch.loss", row["loss"], int(row["epoch"]))
         artifacts += [curve, Path(f"metrics/pretrain/{layer.name}.json")]
     artifacts += [Path("models/pretrain/layer1/filters.png"), Path("plots/gallery/train.png")]
+    stages = [f"pretrain@{layer.name}" for layer in params.layers] + ["finetune", "evaluate"]
+    records = {stage: json.loads((RECORD_DIR / f"{stage}.json").read_text()) for stage in stages}
+    artifacts += [RECORD_DIR / f"{stage}.json" for stage in stages]
 
     hashes = stage_hashes(Path("dvc.lock"))
+    experiment = os.environ.get("DVC_EXP_NAME", "")
     tags = {
         "dataset": params.dataset,
         # Queued experiments run in a temporary copy whose HEAD is not the user's commit.
         "git_commit": os.environ.get("DVC_EXP_BASELINE_REV") or git_commit(),
-        "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
+        "git_dirty": git_dirty(),
+        "dvc_experiment": experiment,
+        "mlflow.runName": run_name(params, experiment),
+        **computed_by_tags(records),
         **{f"dvc_stage.{name}": value for name, value in hashes.items()},
     }
-    # Identity of the results, leaving out wall-clock timings, so that re-running an unchanged
-    # pipeline (dvc repro --force, a re-queued experiment) is recognised and not logged twice.
+    # Identity of the results, leaving out wall-clock timings and the records of what computed them,
+    # so that re-running an unchanged pipeline (dvc repro --force, a re-queued experiment, another
+    # machine's identical results) is recognised and not logged twice.
     content = hashlib.sha256()
     content.update(json.dumps(flat_params, sort_keys=True).encode())
-    timed = {Path("metrics/finetune.json")} | {Path(f"metrics/pretrain/{l.name}.json") for l in params.layers}
+    left_out = {Path("metrics/finetune.json")} | {Path(f"metrics/pretrain/{l.name}.json") for l in params.layers}
+    left_out |= {RECORD_DIR / f"{stage}.json" for stage in stages}
     for path in artifacts:
-        if path not in timed:
+        if path not in left_out:
             content.update(path.read_bytes())
     tags["content_hash"] = content.hexdigest()
     return flat_params, tags, metrics, artifacts
@@ -189,7 +224,7 @@ def _log_once(client, experiment_id, uri, flat_params, tags, metrics, artifacts)
             run_id = existing[0].info.run_id
             print(f"track: these results are already MLflow run {run_id}; not logging a duplicate")
             return run_id, uri
-        run_id = client.create_run(experiment_id, run_name=tags["dvc_experiment"] or None, tags=tags).info.run_id
+        run_id = client.create_run(experiment_id, run_name=tags["mlflow.runName"], tags=tags).info.run_id
         try:
             client.log_batch(run_id, params=[Param(k, v) for k, v in flat_params.items()])
             for start in range(0, len(metrics), 900):

@@ -80,10 +80,11 @@ def describe(processes: list[psutil.Process]) -> str:
 
 
 def kill(processes: list[psutil.Process], grace: float = 3.0) -> None:
-    """SIGTERM, then SIGKILL for what is still alive after ``grace`` seconds; wait until all are gone."""
+    """SIGTERM (and SIGCONT, for a stopped one), then SIGKILL for what is still alive after ``grace`` seconds."""
     for process in processes:
         try:
             process.terminate()
+            process.resume()
         except psutil.NoSuchProcess:
             pass
     _, alive = psutil.wait_procs(processes, timeout=grace)

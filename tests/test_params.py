@@ -52,6 +52,7 @@ BAD = [
     ("finetune.patience", KeyError, "finetune.patience"),
     ("finetune.improvement_threshold", 1.5, "finetune.improvement_threshold"),
     ("pretrain", {}, "pretrain"),
+    ("engine", "jax", "engine"),
 ]
 
 
@@ -60,6 +61,11 @@ def test_bad_value_is_refused_naming_the_key(path, value, key):
     with pytest.raises(ParamsError) as err:
         parse_params(with_change(path, value))
     assert str(err.value).startswith(key + ":"), str(err.value)
+
+
+def test_a_params_file_without_engine_means_fused():
+    assert parse_params(with_change("engine", KeyError)).engine == "fused"
+    assert parse_params(with_change("engine", "autograd")).engine == "autograd"
 
 
 def test_layers_must_be_numbered_in_order():

@@ -1,9 +1,11 @@
 """The real dvc and the real MLflow (sqlite) on a tiny digits config in a temporary git repo."""
 
 import json
+from importlib.metadata import version
 
 import mlflow
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -67,3 +69,28 @@ def test_same_params_and_seed_give_identical_results(pipeline_repo):
     assert {p: (repo.path / p).read_bytes() for p in first} == first
     _, runs = finished_runs(repo)
     assert len(runs) == 1, "identical results must not be logged to MLflow twice"
+
+
+def test_every_run_records_what_computed_it_and_switching_the_engine_retrains(pipeline_repo):
+    repo = pipeline_repo
+    repo.repro()
+    _, runs = finished_runs(repo)
+    tags = runs[0].data.tags
+    assert tags["mlflow.runName"] == "digits nu 0.1/0.2/0.3 seed 1234"
+    assert tags["engine"] == "fused" and tags["device"] == "cpu" and tags["threads"] == "1"
+    assert tags["products"] in ("oneDNN", "torch's BLAS") and tags["cpu"] and tags["os"]
+    assert " -O3 " in tags["c_kernels"] or tags["c_kernels"].startswith("none: ")  # the build command, or why none
+    assert tags["torch_version"] == torch.__version__ and tags["mlflow_version"] == mlflow.__version__
+    assert tags["dvc_version"] == version("dvc") and tags["numpy_version"] and tags["python_version"]
+    assert tags["git_commit"] == repo.run("git", "rev-parse", "HEAD").stdout.strip() and tags["git_dirty"] == "false"
+    record = json.loads((repo.path / "metrics/computed_by/pretrain@layer2.json").read_text())
+    assert record["engine"] == "fused" and record["torch_version"] == torch.__version__
+    assert "engine" not in json.loads((repo.path / "metrics/computed_by/evaluate.json").read_text())
+
+    params = repo.params()
+    params["engine"] = "autograd"
+    repo.write_params(params)
+    assert repo.repro() == ["pretrain@layer1", "pretrain@layer2", "pretrain@layer3", "finetune", "evaluate", "track"]
+    _, runs = finished_runs(repo)
+    assert runs[0].data.tags["engine"] == "autograd"
+    assert runs[0].data.tags["mlflow.runName"] == "digits nu 0.1/0.2/0.3 seed 1234 autograd"

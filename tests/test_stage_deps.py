@@ -19,7 +19,9 @@ NAME_ONLY = {  # (importer, imported): the names imported, and why they cannot c
     ("stages.common", "sda.training"): ({"DivergenceError"}, "caught to print its message"),
     ("stages.params", "sda.data"): ({"DATASETS"}, "the names data.dataset may take"),
     ("stages.params", "sda.noise"): ({"MASKING_MODES"}, "the names a layer's masking may take"),
+    ("stages.params", "sda.training"): ({"ENGINES"}, "the names engine may take"),
     ("stages.evaluate", "stages.finetune"): ({"MODEL_PATH"}, "the models/finetuned path evaluate also declares"),
+    ("stages.track", "stages.environment"): ({"RECORD_DIR"}, "the folder of the records track reads"),
 }
 # Non-Python files a module runs: sda/native.py compiles and loads sda/kernels.c.
 RUNS_ALSO = {"sda.native": ["sda/kernels.c"]}
