@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sda import benchmarks  # noqa: E402
+from sda import generators  # noqa: E402
 from sda.data import load_mnist  # noqa: E402
 
 
@@ -25,17 +25,17 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     mnist = load_mnist()
-    benchmarks.natural_images()
+    generators.natural_images()
     print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"{'loading MNIST and the 20 images':<34}{time.perf_counter() - started:>7.1f} s")
-    for name in benchmarks.BENCHMARKS:
+    for name in generators.BENCHMARKS:
         started = time.perf_counter()
-        splits = benchmarks.generate(name, args.seed, mnist)
+        splits = generators.generate(name, args.seed, mnist)
         seconds = time.perf_counter() - started
         sizes = "/".join(str(len(splits[s][1])) for s in ("train", "valid", "test"))
         print(f"{name:<20}{sizes:<14}{seconds:>7.1f} s")
         if args.gallery_dir:
-            benchmarks.gallery(*splits["train"], Path(args.gallery_dir) / f"{name}.png")
+            generators.gallery(*splits["train"], Path(args.gallery_dir) / f"{name}.png")
 
 
 if __name__ == "__main__":

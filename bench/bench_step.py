@@ -17,7 +17,7 @@ step of the default 784-1000-1000-1000-10 network (batch 20), written each way t
                                       sda/kernels.c (where it builds); ours at 1000 -> 1000
     + encoder from the nonzeros       ours at 784 -> 1000 (MNIST, mostly zeros): W stored
       (ours)                          visible-major, the encoder's product and its share of the
-                                      update from the input's nonzeros in C (sda.native)
+                                      update from the input's nonzeros in C (sda.kernels)
     fixed masking, torch.topk         k smallest of fresh float scores by torch.topk
     fixed masking, numpy partition    the same float scores, the k-th smallest found by numpy
     fixed masking, int32 scores       int32 scores, numpy partition
@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sda.dae import DenoisingAutoencoder, cross_entropy_value_and_reconstruction, reconstruction_cross_entropy  # noqa: E402
 from sda.data import load_mnist  # noqa: E402
 from sda.device import choose_cpu_matmul, resolve_device, set_cpu_threads, with_cpu_matmul as on  # noqa: E402
-from sda.native import built_kernels, visible_major  # noqa: E402
+from sda.kernels import built_kernels, visible_major  # noqa: E402
 from sda.noise import MaskingNoise, uniform_int32  # noqa: E402
 from sda.stacked import StackedClassifier, negative_log_likelihood, softmax_nll_and_grad  # noqa: E402
 

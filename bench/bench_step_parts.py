@@ -1,7 +1,7 @@
 """Where a CPU fine-tuning step spends its time, part by part, at each thread count, from one run.
 
 Runs fine-tuning steps of the default network (784-1000-1000-1000-10, batch 20, the first weight
-stored visible-major as ``sda.native.sparse_input_layout`` stores it for MNIST) over the first
+stored visible-major as ``sda.kernels.sparse_input_layout`` stores it for MNIST) over the first
 ``--examples`` MNIST training examples, the thread counts taking turns round by round, and prints
 each part's median time per step, the time between steps (batch gathering) and examples/s. The
 step is ``StackedClassifier.sgd_step``'s momentum-free C path with a clock read between its parts;
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sda.data import load_mnist  # noqa: E402
 from sda.device import choose_cpu_matmul, set_cpu_threads  # noqa: E402
-from sda.native import built_kernels, sparse_input_layout  # noqa: E402
+from sda.kernels import built_kernels, sparse_input_layout  # noqa: E402
 from sda.stacked import StackedClassifier  # noqa: E402
 from sda.training import shuffled_batches  # noqa: E402
 

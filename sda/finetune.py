@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from sda.graphs import replay_as_cuda_graph
-from sda.native import sparse_input_layout
+from sda.cuda_graphs import replay_as_cuda_graph
+from sda.kernels import sparse_input_layout
 from sda.stacked import StackedClassifier, negative_log_likelihood
 from sda.training import check_engine, check_epoch_loss, shuffled_batches
 
@@ -103,7 +103,7 @@ def finetune(
     Raises DivergenceError as soon as an epoch's loss has diverged (sda/training.py's check_epoch_loss).
     ``engine`` runs the steps (sda/training.py): ``fused`` or ``autograd``. On CUDA, full batches
     replay the fused step as a CUDA graph, recorded again for each epoch's rate, unless
-    ``cuda_graph`` is False (sda/graphs.py).
+    ``cuda_graph`` is False (sda/cuda_graphs.py).
     """
     x_train, y_train = train
     train_step = finetune_step(model, momentum, engine)

@@ -1,5 +1,5 @@
 /* The CPU training steps' elementwise parts, each fused into one pass, the products of a layer
- * whose input is mostly zeros, and fine-tuning's backward products (sda/native.py builds this).
+ * whose input is mostly zeros, and fine-tuning's backward products (sda/kernels.py builds this).
  *
  * At batch 32 the matrix products leave ~200 us of a ~1 ms pretraining step to a dozen small torch
  * ops, each a separate pass over the batch plus Python's launch cost (bench/README.md). The

@@ -2,7 +2,7 @@
 
 import torch
 
-from sda.native import built_kernels, fits
+from sda.kernels import built_kernels, fits
 
 MASKING_MODES = ("fixed", "bernoulli")
 

@@ -8,8 +8,8 @@ import torch
 from tqdm.auto import tqdm
 
 from sda.dae import DenoisingAutoencoder
-from sda.graphs import replay_as_cuda_graph
-from sda.native import sparse_input_layout
+from sda.cuda_graphs import replay_as_cuda_graph
+from sda.kernels import sparse_input_layout
 from sda.noise import MaskingNoise
 from sda.training import check_engine, check_epoch_loss, shuffled_batches
 
@@ -51,7 +51,7 @@ def pretrain_layer(
     corrupted input the step saw). Raises DivergenceError naming ``name`` and the epoch as soon as
     an epoch's loss has diverged (sda/training.py's check_epoch_loss), before anything is returned
     for saving. On CUDA, full batches
-    replay the fused step as a CUDA graph unless ``cuda_graph`` is False (sda/graphs.py).
+    replay the fused step as a CUDA graph unless ``cuda_graph`` is False (sda/cuda_graphs.py).
     """
     # Accumulated on the device: a .item() per step would stall a GPU every batch.
     total = torch.zeros((), device=codes.device, dtype=codes.dtype)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sda.dae import DenoisingAutoencoder
-from sda.native import cpu_kernels, fits, is_visible_major
+from sda.kernels import cpu_kernels, fits, is_visible_major
 
 
 class StackedClassifier(nn.Module):
@@ -58,16 +58,16 @@ class StackedClassifier(nn.Module):
         bookkeeping costs more than the matrix products. Activations are batch-major, the layout in
         which oneDNN runs this step's products fastest at batch 20 (bench/README.md); the gradient
         is carried as B times dL/dlogits and 1/B folded into the step size; on the CPU in float32
-        the softmax layer's loss and gradient are one C kernel (sda/native.py), without momentum
+        the softmax layer's loss and gradient are one C kernel (sda/kernels.py), without momentum
         each higher layer's gradient for the layer below and update are one C pass over its weight,
         and a first weight stored ``visible_major`` has its product and update computed from the
-        input's nonzeros. tests/test_stacked.py and tests/test_native.py check it against autograd
+        input's nonzeros. tests/test_stacked.py and tests/test_kernels.py check it against autograd
         and the optimizer, in both layouts.
         """
         batch = x.shape[0]
         codes = [x]  # h_0, h_1, ..., h_L, batch-major
         first, sparse = self.encoders[0], cpu_kernels(x)
-        # A first weight stored visible_major (sda/native.py, for mostly-zero inputs): its product
+        # A first weight stored visible_major (sda/kernels.py, for mostly-zero inputs): its product
         # and update from the input's nonzeros only.
         nonzeros = sparse.nonzeros_by_column(x) if sparse is not None and is_visible_major(first.weight) else None
         for linear in self.encoders:

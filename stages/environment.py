@@ -14,7 +14,7 @@ import torch
 
 from sda.artifacts import save_json
 from sda.device import cpu_matmul
-from sda.native import kernels_record
+from sda.kernels import kernels_record
 
 RECORD_DIR = Path("metrics/computed_by")
 

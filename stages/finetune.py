@@ -13,7 +13,7 @@ import torch
 from sda.artifacts import load_state, save_json, save_state, save_text
 from sda.dae import DenoisingAutoencoder
 from sda.finetune import EarlyStopping, finetune
-from sda.native import describe_cpu_kernels
+from sda.kernels import describe_cpu_kernels
 from sda.stacked import StackedClassifier
 from stages.common import describe_device, load_splits, run, setup_torch, stage_generator, stage_parser
 from stages.environment import save_computed_by

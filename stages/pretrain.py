@@ -13,7 +13,7 @@ import torch
 from sda.artifacts import save_json, save_split, save_state, save_text
 from sda.dae import DenoisingAutoencoder
 from sda.filters import filter_grid, save_png
-from sda.native import describe_cpu_kernels
+from sda.kernels import describe_cpu_kernels
 from sda.noise import MaskingNoise
 from sda.pretrain import encode, pretrain_layer, reconstruction_loss
 from stages.common import SPLITS, describe_device, load_splits, run, setup_torch, stage_generator, stage_parser

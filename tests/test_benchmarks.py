@@ -5,11 +5,11 @@ import pytest
 from scipy import ndimage, stats
 from scipy.spatial import ConvexHull, QhullError
 
-from sda import benchmarks
-from sda.benchmarks import BENCHMARKS, MIN_PATCH_STD, SPLIT_SIZES, generate, generate_with_details
+from sda import generators
+from sda.generators import BENCHMARKS, MIN_PATCH_STD, SPLIT_SIZES, generate, generate_with_details
 
 SMALL = (200, 50, 200)
-MNIST_ONLY = set(benchmarks.MNIST_BENCHMARKS)
+MNIST_ONLY = set(generators.MNIST_BENCHMARKS)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def images_of(x):
 
 def test_split_sizes_are_the_originals():
     assert set(SPLIT_SIZES) == set(BENCHMARKS) and len(BENCHMARKS) == 8
-    for name in benchmarks.MNIST_BENCHMARKS:
+    for name in generators.MNIST_BENCHMARKS:
         assert SPLIT_SIZES[name] == (10_000, 2_000, 50_000)
     assert SPLIT_SIZES["rect"] == (1_000, 200, 50_000)
     assert SPLIT_SIZES["rect-img"] == (10_000, 2_000, 50_000)
@@ -84,7 +84,7 @@ def test_rect_labels_agree_with_the_rectangle_measured_from_the_pixels():
 
 
 def window(image_index, row, col):
-    return benchmarks.natural_images()[image_index][row : row + 28, col : col + 28]
+    return generators.natural_images()[image_index][row : row + 28, col : col + 28]
 
 
 def test_rect_img_shows_one_image_inside_and_another_outside():
@@ -159,7 +159,7 @@ def test_lattice_convexity_on_known_shapes():
         "thin triangle around (1,1)": (shape((0, 0), (2, 1), (1, 2)), False),
         "knight move": (shape((0, 0), (1, 2)), True),
     }
-    verdicts = benchmarks.is_lattice_convex(np.stack([image for image, _ in cases.values()]))
+    verdicts = generators.is_lattice_convex(np.stack([image for image, _ in cases.values()]))
     for (label, (image, expected)), verdict in zip(cases.items(), verdicts):
         assert verdict == expected == independent_convexity(image.reshape(28, 28)), label
 
@@ -169,10 +169,10 @@ def test_natural_images_load_offline_as_twenty_distinct_grey_images(monkeypatch)
         raise OSError("network use attempted")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    benchmarks.natural_images.cache_clear()
-    benchmarks._patch_index.cache_clear()
-    images = benchmarks.natural_images()
-    assert len(images) == len(benchmarks.NATURAL_IMAGES) == 20
+    generators.natural_images.cache_clear()
+    generators._patch_index.cache_clear()
+    images = generators.natural_images()
+    assert len(images) == len(generators.NATURAL_IMAGES) == 20
     fingerprints = set()
     for image in images:
         assert image.ndim == 2 and image.dtype == np.float32 and min(image.shape) >= 28
@@ -183,14 +183,14 @@ def test_natural_images_load_offline_as_twenty_distinct_grey_images(monkeypatch)
 
 def test_an_unavailable_image_is_an_error_naming_it():
     with pytest.raises(RuntimeError, match="skimage:no_such_picture"):
-        benchmarks.load_natural_image("skimage", "no_such_picture")
+        generators.load_natural_image("skimage", "no_such_picture")
 
 
 def test_gallery_writes_a_grid_and_its_labels(tmp_path):
     from PIL import Image
 
     x, y = generate("rect", 0, sizes=SMALL)["train"]
-    path = benchmarks.gallery(x, y, tmp_path / "rect.png", n=20, columns=8)
+    path = generators.gallery(x, y, tmp_path / "rect.png", n=20, columns=8)
     assert Image.open(path).size[0] == 8 * (28 * 3 + 2)
     lines = path.with_suffix(".labels.txt").read_text().split("\n")
     assert lines[0].split() == [str(v) for v in y[:8]] and len([line for line in lines if line]) == 3
@@ -201,9 +201,9 @@ def test_gallery_writes_a_grid_and_its_labels(tmp_path):
 
 @pytest.mark.slow
 def test_train_valid_and_test_digits_are_disjoint_and_basic_is_untransformed(mnist):
-    pool_x, pool_y = benchmarks.mnist_pool(mnist)
+    pool_x, pool_y = generators.mnist_pool(mnist)
     assert len(pool_x) == 70_000
-    full = benchmarks.mnist_sources(0, SPLIT_SIZES["mnist-basic"], len(pool_x))
+    full = generators.mnist_sources(0, SPLIT_SIZES["mnist-basic"], len(pool_x))
     assert len(np.unique(full)) == 62_000
     assert not set(full[:12_000]) & set(full[12_000:])
 
@@ -228,7 +228,7 @@ def scipy_rotation(digits, angles):
 
 @pytest.mark.slow
 def test_rotated_digits_are_rotations_of_real_digits(mnist):
-    pool_x, pool_y = benchmarks.mnist_pool(mnist)
+    pool_x, pool_y = generators.mnist_pool(mnist)
     splits, details = generate_with_details("mnist-rot", 2, mnist, sizes=SMALL)
     x, y = splits["train"]
     source, angle = details["train"]["source"], details["train"]["angle"]
@@ -236,14 +236,14 @@ def test_rotated_digits_are_rotations_of_real_digits(mnist):
     assert (angle >= 0).all() and (angle < 2 * np.pi).all() and angle.std() > 1.5
     np.testing.assert_allclose(x, scipy_rotation(pool_x[source], angle), atol=1e-5)
     # Turning back by the angle recovers the source digit, up to the blur of two interpolations.
-    back = benchmarks.rotate(x, -angle)
+    back = generators.rotate(x, -angle)
     correlation = [np.corrcoef(b, s)[0, 1] for b, s in zip(back, pool_x[source])]
     assert min(correlation) > 0.9
 
 
 @pytest.mark.slow
 def test_random_backgrounds_are_uniform_and_digits_untouched(mnist):
-    pool_x, _ = benchmarks.mnist_pool(mnist)
+    pool_x, _ = generators.mnist_pool(mnist)
     splits, details = generate_with_details("mnist-bg-rand", 3, mnist, sizes=SMALL)
     x = splits["train"][0]
     digit = pool_x[details["train"]["source"]]
@@ -257,7 +257,7 @@ def test_random_backgrounds_are_uniform_and_digits_untouched(mnist):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mnist-bg-img", "mnist-rot-bg-img"])
 def test_image_backgrounds_are_textured_patches_behind_the_digit(mnist, name):
-    pool_x, _ = benchmarks.mnist_pool(mnist)
+    pool_x, _ = generators.mnist_pool(mnist)
     splits, details = generate_with_details(name, 4, mnist, sizes=SMALL)
     for split in splits:
         x, d = splits[split][0], details[split]

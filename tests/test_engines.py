@@ -18,7 +18,7 @@ import torch
 from sda.dae import DenoisingAutoencoder
 from sda.data import load_digits
 from sda.finetune import EarlyStopping, finetune
-from sda.native import built_kernels
+from sda.kernels import built_kernels
 from sda.noise import MaskingNoise, random_subsets, uniform_int32
 from sda.pretrain import pretrain_layer
 from sda.stacked import StackedClassifier
@@ -95,7 +95,7 @@ def test_the_torch_fisher_yates_is_the_c_one(batch, k, d):
 
 MASKS = """
 import hashlib, torch
-from sda.native import built_kernels
+from sda.kernels import built_kernels
 from sda.noise import MaskingNoise
 x = torch.rand(64, 784, generator=torch.Generator().manual_seed(0)) + 0.5
 g = torch.Generator().manual_seed(7)

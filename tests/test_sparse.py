@@ -1,6 +1,6 @@
-"""A layer's products from its input's nonzeros (sda/kernels.c, sda/native.py) against float64 torch.
+"""A layer's products from its input's nonzeros (sda/kernels.c, sda/kernels.py) against float64 torch.
 
-The training steps through them are checked against autograd in tests/test_native.py (layout "visible-major").
+The training steps through them are checked against autograd in tests/test_kernels.py (layout "visible-major").
 """
 
 import copy
@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 
-import sda.native
+import sda.kernels
 from sda.dae import DenoisingAutoencoder
-from sda.native import built_kernels, is_visible_major, sparse_input_layout, visible_major
+from sda.kernels import built_kernels, is_visible_major, sparse_input_layout, visible_major
 from sda.noise import MaskingNoise
 from sda.pretrain import pretrain_layer
 from sda.stacked import StackedClassifier
@@ -122,7 +122,7 @@ def test_pretraining_on_mostly_zero_inputs_is_deterministic_and_agrees_with_the_
 
     sparse_losses, sparse_weight = train()
     assert train()[0] == sparse_losses and torch.equal(train()[1], sparse_weight)
-    monkeypatch.setattr(sda.native, "SPARSE_INPUT_DENSITY", 0.0)  # every input dense enough: torch's products
+    monkeypatch.setattr(sda.kernels, "SPARSE_INPUT_DENSITY", 0.0)  # every input dense enough: torch's products
     dense_losses, dense_weight = train()
     assert dense_losses == pytest.approx(sparse_losses, rel=1e-5)
     assert torch.allclose(dense_weight, sparse_weight, atol=1e-5)

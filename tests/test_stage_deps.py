@@ -23,8 +23,8 @@ NAME_ONLY = {  # (importer, imported): the names imported, and why they cannot c
     ("stages.evaluate", "stages.finetune"): ({"MODEL_PATH"}, "the models/finetuned path evaluate also declares"),
     ("stages.track", "stages.environment"): ({"RECORD_DIR"}, "the folder of the records track reads"),
 }
-# Non-Python files a module runs: sda/native.py compiles and loads sda/kernels.c.
-RUNS_ALSO = {"sda.native": ["sda/kernels.c"]}
+# Non-Python files a module runs: sda/kernels.py compiles and loads sda/kernels.c.
+RUNS_ALSO = {"sda.kernels": ["sda/kernels.c"]}
 
 
 def imports(module: str) -> list[tuple[str, set[str]]]:

@@ -120,7 +120,7 @@ Split = tuple[np.ndarray, np.ndarray]
 def generate(name: str, seed: int, mnist: dict | None = None, sizes: tuple[int, int, int] | None = None) -> dict[str, Split]:
     """Benchmark ``name`` as {"train", "valid", "test"} -> (x float32 [N, 784] in [0, 1], y int64).
 
-    ``mnist`` is ``sda.data.load_mnist()``'s dict, loaded when needed and not given. ``sizes``
+    ``mnist`` is ``sda.data.load_mnist()``'s dict, needed for the MNIST variants. ``sizes``
     (train, valid, test) shrinks the set for tests; the procedure is the same.
     """
     splits, _ = generate_with_details(name, seed, mnist, sizes)
@@ -141,9 +141,7 @@ def generate_with_details(name: str, seed: int, mnist: dict | None = None, sizes
     seed = check_seed(seed)
     if name in MNIST_BENCHMARKS:
         if mnist is None:
-            from sda.data import load_mnist
-
-            mnist = load_mnist()
+            raise ValueError(f"{name} is made from MNIST's digits: pass mnist=sda.data.load_mnist()")
         x, y, details = mnist_variant(name, seed, mnist, sizes)
     elif name == "rect":
         x, y, details = rectangles(seed, sum(sizes))

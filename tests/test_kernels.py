@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from sda.dae import DenoisingAutoencoder, reconstruction_cross_entropy
-from sda.native import built_kernels, cpu_kernels, is_visible_major, visible_major
+from sda.kernels import built_kernels, cpu_kernels, is_visible_major, visible_major
 from sda.noise import MaskingNoise, uniform_int32
 from sda.stacked import StackedClassifier, negative_log_likelihood
 from tests.conftest import ROOT, on_one_thread_and_on_two
@@ -115,7 +115,7 @@ def test_softmax_kernel_refuses_a_label_out_of_range_and_writes_nothing():
 
 
 # "visible-major": the weight stored for mostly-zero inputs, whose products then come from the
-# input's nonzeros (sda/native.py, sparse_input_layout); the same SGD step either way.
+# input's nonzeros (sda/kernels.py, sparse_input_layout); the same SGD step either way.
 LAYOUTS = ["usual", "visible-major"]
 
 
