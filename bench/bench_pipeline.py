@@ -22,6 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sda.device import usable_cores  # noqa: E402
 
 
 def main() -> None:
@@ -54,7 +57,7 @@ def main() -> None:
         sys.exit(f"dvc repro failed with exit code {process.returncode} in {clone}")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
-    print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {len(os.sched_getaffinity(0))} cores")
+    print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {usable_cores()} cores")
     print(f"{'stage':<20}{'seconds':>9}")
     spent = 0.0
     for name, (begin, end) in stages.items():

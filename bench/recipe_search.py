@@ -7,16 +7,21 @@
 Choices were made on the validation error; the test error is printed only to be recorded. Threads:
 $T (default 2). Pretrained weights go to /tmp/recipe/pre_TAG.pt.
 """
-import os, sys, time
+import os
+import sys
+import time
 from pathlib import Path
+
 import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sda.data import load_mnist
 from sda.dae import DenoisingAutoencoder
+from sda.data import load_mnist
+from sda.finetune import EarlyStopping, finetune
 from sda.noise import MaskingNoise
-from sda.pretrain import pretrain_layer, encode
+from sda.pretrain import encode, pretrain_layer
 from sda.stacked import StackedClassifier
-from sda.finetune import finetune, EarlyStopping
+
 mode = sys.argv[1]
 torch.set_num_threads(int(os.environ.get('T','2')))
 d = load_mnist(); t = {k:(torch.from_numpy(v[0]), torch.from_numpy(v[1])) for k,v in d.items()}

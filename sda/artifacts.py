@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 

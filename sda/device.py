@@ -21,10 +21,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask on Linux; every core where that is unknown, as on macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def set_cpu_threads(threads: int | None = None) -> int:
     """Use ``threads`` intra-op threads (default: $SDA_THREADS, else every core we may use)."""
     if threads is None:
-        threads = int(os.environ.get("SDA_THREADS", "0")) or len(os.sched_getaffinity(0))
+        threads = int(os.environ.get("SDA_THREADS", "0")) or usable_cores()
     torch.set_num_threads(threads)
     return threads
 

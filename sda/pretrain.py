@@ -7,8 +7,8 @@ from contextlib import nullcontext
 import torch
 from tqdm.auto import tqdm
 
-from sda.dae import DenoisingAutoencoder
 from sda.cuda_graphs import replay_as_cuda_graph
+from sda.dae import DenoisingAutoencoder
 from sda.kernels import sparse_input_layout
 from sda.noise import MaskingNoise
 from sda.training import check_engine, check_epoch_loss, shuffled_batches

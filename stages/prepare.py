@@ -6,8 +6,8 @@ Also draws plots/gallery/train.png: the first 64 training examples with their la
 from pathlib import Path
 
 from sda.artifacts import save_split
-from sda.generators import gallery
 from sda.data import load_dataset
+from sda.generators import gallery
 from stages.common import SPLITS, run, stage_parser
 from stages.params import PREPARED_DIR, load_params
 

@@ -11,7 +11,6 @@ or the current directory.
 
 import contextlib
 import csv
-import fcntl
 import hashlib
 import json
 import os
@@ -20,6 +19,12 @@ import sys
 from pathlib import Path
 
 import yaml
+
+try:
+    import fcntl
+except ImportError:  # Windows: msvcrt's byte-range lock instead
+    fcntl = None
+    import msvcrt
 
 # An unreachable server must fail in seconds, not after MLflow's minutes of retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -184,11 +189,26 @@ def store_lock():
     lock_path = Path(uri[len("sqlite:///"):] + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        _lock_file(lock)
         try:
             yield
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            _lock_file(lock, unlock=True)
+
+
+def _lock_file(lock, unlock: bool = False) -> None:
+    """Take (or release) an exclusive lock on an open file, waiting for it: flock, or msvcrt on Windows."""
+    if fcntl is not None:
+        fcntl.flock(lock, fcntl.LOCK_UN if unlock else fcntl.LOCK_EX)
+        return
+    lock.seek(0)
+    while True:
+        try:  # LK_LOCK itself gives up after 10 s: keep waiting, as flock does
+            msvcrt.locking(lock.fileno(), msvcrt.LK_UNLCK if unlock else msvcrt.LK_LOCK, 1)
+            return
+        except OSError:
+            if unlock:
+                raise
 
 
 def open_store() -> tuple[mlflow.MlflowClient, str, str]:

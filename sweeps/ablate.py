@@ -24,9 +24,10 @@ from pathlib import Path
 import yaml
 
 from sda.data import DATASETS
+from sda.device import usable_cores
 from stages.common import run
 from stages.params import ParamsError, load_params, parse_params
-from stages.track import download_artifact, finished_runs, flatten, find_point_run, log_sweep, open_store
+from stages.track import download_artifact, find_point_run, finished_runs, flatten, log_sweep, open_store
 from sweeps.dvc_queue import SweepError, dvc, run_queue
 from sweeps.report import FILTER_LEVELS, filter_figure, plot_error_against_nu, write_table
 
@@ -124,7 +125,7 @@ def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]]
 
 
 def default_threads(jobs: int) -> int:
-    return max(1, len(os.sched_getaffinity(0)) // jobs)
+    return max(1, usable_cores() // jobs)
 
 
 def main() -> None:

@@ -5,8 +5,14 @@ import pytest
 import torch
 
 from sda.dae import DenoisingAutoencoder
-from sda.device import (choose_cpu_matmul, cpu_matmul, float32_products_are_exact, float32_relative_error, set_cpu_matmul,
-                        with_cpu_matmul)
+from sda.device import (
+    choose_cpu_matmul,
+    cpu_matmul,
+    float32_products_are_exact,
+    float32_relative_error,
+    set_cpu_matmul,
+    with_cpu_matmul,
+)
 from tests.conftest import ROOT
 
 

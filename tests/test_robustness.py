@@ -12,7 +12,6 @@ import time
 import psutil
 import pytest
 
-
 pytestmark = pytest.mark.slow
 
 
