@@ -82,3 +82,22 @@ def test_graph_replay_computes_what_the_eager_steps_compute():
         assert eager[1] == pytest.approx(graphed[1], rel=1e-5), nu
         for a, b in zip(eager[2], graphed[2]):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), nu
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_the_engines_agree_on_cuda(momentum):
+    """tests/test_engines.py's check on the device: the fused steps (CUDA graphs) train what autograd trains."""
+    splits = digits_on(CUDA)
+    trained = {}
+    for engine in ("fused", "autograd"):
+        dae = DenoisingAutoencoder(64, 40, torch.Generator().manual_seed(0)).to(CUDA)
+        losses = pretrain_layer(dae, splits["train"][0], MaskingNoise(0.25), 3, 0.1, 20, make_generator(1, CUDA),
+                                engine=engine)
+        model = StackedClassifier.from_autoencoders([dae], 10).to(CUDA)
+        result = finetune(model, splits["train"], splits["valid"], 0.5, 20, 3, EarlyStopping(patience=3),
+                          make_generator(2, CUDA), momentum=momentum, engine=engine)
+        trained[engine] = (losses, [r.train_loss for r in result.history], model)
+    (fused_pre, fused_ft, fused), (auto_pre, auto_ft, auto) = trained["fused"], trained["autograd"]
+    assert fused_pre == pytest.approx(auto_pre, rel=1e-4) and fused_ft == pytest.approx(auto_ft, rel=1e-4)
+    for (name, a), (_, b) in zip(fused.state_dict().items(), auto.state_dict().items()):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), name
