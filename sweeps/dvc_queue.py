@@ -96,7 +96,7 @@ def kill(processes: list[psutil.Process], grace: float = 3.0) -> None:
     psutil.wait_procs(alive, timeout=grace)
 
 
-def stop_workers(repo: Path, since: float, kill_running: bool = False, grace: float = 10.0) -> str:
+def stop_workers(repo: Path, since: float, kill_running: bool = False, grace: float = 5.0) -> str:
     """Stop the queue workers of ``repo`` started at ``since`` or later; describe those that had to be killed ("" if none).
 
     `dvc queue stop` asks the workers to exit (``kill_running`` also kills the experiments they are

@@ -102,11 +102,28 @@ def run_stage(directory: Path, *stage: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.fixture(scope="module")
+def bad_params_stages(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """`python -m stages.pretrain layer1` on each BAD params file, all started at once (each is mostly
+    interpreter start-up); {case id: (its directory, its result)}."""
+    started = {}
+    for path, value, _ in BAD:
+        directory = tmp_path_factory.mktemp("bad")
+        (directory / "params.yaml").write_text(yaml.safe_dump(with_change(path, value)))
+        started[f"{path}={value!r}"] = directory, subprocess.Popen(
+            [sys.executable, "-m", "stages.pretrain", "layer1"], cwd=directory, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    finished = {}
+    for case, (directory, process) in started.items():
+        stdout, stderr = process.communicate(timeout=240)
+        finished[case] = directory, subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    return finished
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path, value, key", BAD, ids=[f"{p}={v!r}" for p, v, _ in BAD])
-def test_every_kind_of_bad_params_stops_a_stage_with_one_line_and_writes_nothing(tmp_path, path, value, key):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_change(path, value)))
-    done = run_stage(tmp_path, "stages.pretrain", "layer1")
+def test_every_kind_of_bad_params_stops_a_stage_with_one_line_and_writes_nothing(bad_params_stages, path, value, key):
+    tmp_path, done = bad_params_stages[f"{path}={value!r}"]
     assert done.returncode == 2
     assert done.stderr.splitlines() == [done.stderr.splitlines()[0]] and done.stderr.startswith(f"error: {key}: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

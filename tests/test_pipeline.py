@@ -46,6 +46,8 @@ def test_repro_runs_all_then_nothing_then_only_what_a_param_change_touches(pipel
     assert latest.data.params["pretrain.layer3.corruption"] == "0.45"
     assert latest.data.metrics["test_error"] == metrics["test_error"]
     assert latest.data.tags["dataset"] == "digits"
+    assert latest.data.tags["mlflow.runName"] == "digits nu 0.1/0.2/0.45 seed 1234"
+    assert_records_what_computed_it(repo, latest)
     assert len(client.get_metric_history(latest.info.run_id, "pretrain.layer1.epoch.loss")) == 3
     assert len(client.get_metric_history(latest.info.run_id, "finetune.epoch.valid_error")) >= 3
     artifacts = {a.path for a in client.list_artifacts(latest.info.run_id, "models/pretrain/layer1")}
@@ -57,6 +59,27 @@ def test_repro_runs_all_then_nothing_then_only_what_a_param_change_touches(pipel
     noise = repo.path / "sda/noise.py"
     noise.write_text(noise.read_text() + "\n# an edit that changes no result\n")
     assert repo.repro() == ["pretrain@layer1", "pretrain@layer2", "pretrain@layer3", "evaluate", "track"]
+
+    # The engine is a param of every training stage: switching it retrains them all, and the run says so.
+    params["engine"] = "autograd"
+    repo.write_params(params)
+    assert repo.repro() == ["pretrain@layer1", "pretrain@layer2", "pretrain@layer3", "finetune", "evaluate", "track"]
+    _, runs = finished_runs(repo)
+    assert runs[0].data.tags["engine"] == "autograd" and runs[0].data.tags["git_dirty"] == "true"  # the sda/noise.py edit
+    assert runs[0].data.tags["mlflow.runName"] == "digits nu 0.1/0.2/0.45 seed 1234 autograd"
+
+
+def assert_records_what_computed_it(repo, run) -> None:
+    tags = run.data.tags
+    assert tags["engine"] == "fused" and tags["device"] == "cpu" and tags["threads"] == "1"
+    assert tags["products"] in ("oneDNN", "torch's BLAS") and tags["cpu"] and tags["os"]
+    assert " -O3 " in tags["c_kernels"] or tags["c_kernels"].startswith("none: ")  # the build command, or why none
+    assert tags["torch_version"] == torch.__version__ and tags["mlflow_version"] == mlflow.__version__
+    assert tags["dvc_version"] == version("dvc") and tags["numpy_version"] and tags["python_version"]
+    assert tags["git_commit"] == repo.run("git", "rev-parse", "HEAD").stdout.strip() and tags["git_dirty"] == "false"
+    record = json.loads((repo.path / "metrics/computed_by/pretrain@layer2.json").read_text())
+    assert record["engine"] == "fused" and record["torch_version"] == torch.__version__
+    assert "engine" not in json.loads((repo.path / "metrics/computed_by/evaluate.json").read_text())
 
 
 def test_same_params_and_seed_give_identical_results(pipeline_repo):
@@ -70,27 +93,3 @@ def test_same_params_and_seed_give_identical_results(pipeline_repo):
     _, runs = finished_runs(repo)
     assert len(runs) == 1, "identical results must not be logged to MLflow twice"
 
-
-def test_every_run_records_what_computed_it_and_switching_the_engine_retrains(pipeline_repo):
-    repo = pipeline_repo
-    repo.repro()
-    _, runs = finished_runs(repo)
-    tags = runs[0].data.tags
-    assert tags["mlflow.runName"] == "digits nu 0.1/0.2/0.3 seed 1234"
-    assert tags["engine"] == "fused" and tags["device"] == "cpu" and tags["threads"] == "1"
-    assert tags["products"] in ("oneDNN", "torch's BLAS") and tags["cpu"] and tags["os"]
-    assert " -O3 " in tags["c_kernels"] or tags["c_kernels"].startswith("none: ")  # the build command, or why none
-    assert tags["torch_version"] == torch.__version__ and tags["mlflow_version"] == mlflow.__version__
-    assert tags["dvc_version"] == version("dvc") and tags["numpy_version"] and tags["python_version"]
-    assert tags["git_commit"] == repo.run("git", "rev-parse", "HEAD").stdout.strip() and tags["git_dirty"] == "false"
-    record = json.loads((repo.path / "metrics/computed_by/pretrain@layer2.json").read_text())
-    assert record["engine"] == "fused" and record["torch_version"] == torch.__version__
-    assert "engine" not in json.loads((repo.path / "metrics/computed_by/evaluate.json").read_text())
-
-    params = repo.params()
-    params["engine"] = "autograd"
-    repo.write_params(params)
-    assert repo.repro() == ["pretrain@layer1", "pretrain@layer2", "pretrain@layer3", "finetune", "evaluate", "track"]
-    _, runs = finished_runs(repo)
-    assert runs[0].data.tags["engine"] == "autograd"
-    assert runs[0].data.tags["mlflow.runName"] == "digits nu 0.1/0.2/0.3 seed 1234 autograd"
