@@ -49,7 +49,11 @@ Deviations from the originals (what the papers leave unstated, or what could not
    point uniform over the image square, with a normal direction uniform in [0, 2*pi). Label 1 =
    convex, 0 = non-convex; each split holds floor(n/2) convex and the rest non-convex examples,
    shuffled. The parameters are the ones given (k ~ Geometric(0.195), >= 19 pixels; 2-4 parts with
-   k ~ Geometric(0.07), >= 10 pixels each); the two classes' mean pixel counts are not re-balanced.
+   k ~ Geometric(0.07), >= 10 pixels each). Drawn so, non-convex sets carry far more on-pixels
+   (about 470 against 273), and the count alone would separate the classes, which the originals
+   did not allow. So the sets kept are chosen by their count: both classes follow one histogram of
+   on-pixel counts in bins of 8 (``count_matched_sets``), a departure from the originals' procedure
+   made to keep their property that no trivial statistic predicts the label.
 10. Convexity test. A pixel set is convex when it equals the set of pixel centres inside its
     (continuous) convex hull: lattice convexity, decided exactly in integer arithmetic from each
     row's leftmost and rightmost pixels (``is_lattice_convex``). Every half-plane intersection
@@ -113,6 +117,9 @@ RECT_IMG_MIN_SIDE_DIFFERENCE = 5
 CONVEX_PLANES_P, CONVEX_MIN_PIXELS = 0.195, 19
 PART_PLANES_P, PART_MIN_PIXELS = 0.07, 10
 PARTS_PER_NONCONVEX = (2, 4)
+# convex: both classes take their on-pixel counts from one histogram of bins this wide (count_matched_sets).
+COUNT_BIN = 8
+COUNT_BINS = PIXELS // COUNT_BIN + 1
 
 Split = tuple[np.ndarray, np.ndarray]
 
@@ -514,9 +521,43 @@ def convex_sets(seed: int, sizes: tuple[int, int, int]):
     convex = labels == 1
     x = np.empty((len(labels), PIXELS), np.float32)
     parts = np.ones(len(labels), np.int64)
-    x[convex] = halfplane_intersections(stream(seed, "convex-sets"), convex.sum(), CONVEX_PLANES_P, CONVEX_MIN_PIXELS)
-    x[~convex], parts[~convex] = nonconvex_unions(stream(seed, "nonconvex-sets"), (~convex).sum())
+    x[convex], x[~convex], parts[~convex] = count_matched_sets(seed, convex.sum(), (~convex).sum())
     return x, labels, {"parts": parts}
+
+
+def count_matched_sets(seed: int, n_convex: int, n_nonconvex: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Convex sets, non-convex sets and their part counts, both classes with one distribution of on-pixel counts.
+
+    Drawn as given, non-convex unions carry about 470 on-pixels against 273 for convex sets, so the
+    count alone would tell the classes apart. So both are drawn in batches and sorted into bins of
+    COUNT_BIN on-pixels; a bin yields as many (convex, non-convex) pairs as the scarcer class has
+    there, in the order drawn, and batches are drawn until the bins yield enough pairs. The pairs
+    are then shuffled and the first ones kept. Both classes thus follow the same count histogram,
+    min(convex, non-convex) over the bins: each set is still drawn as defined, only which ones are
+    kept is chosen by their count.
+    """
+    needed = max(n_convex, n_nonconvex)
+    convex_rng, nonconvex_rng = stream(seed, "convex-sets"), stream(seed, "nonconvex-sets")
+    convex, nonconvex, parts = [], [], []
+    batch = 2 * needed + 256
+    while True:
+        convex.append(halfplane_intersections(convex_rng, batch, CONVEX_PLANES_P, CONVEX_MIN_PIXELS))
+        unions, union_parts = nonconvex_unions(nonconvex_rng, batch)
+        nonconvex.append(unions)
+        parts.append(union_parts)
+        convex_bins = np.concatenate(convex).sum(1) // COUNT_BIN
+        nonconvex_bins = np.concatenate(nonconvex).sum(1) // COUNT_BIN
+        available = np.minimum(np.bincount(convex_bins, minlength=COUNT_BINS), np.bincount(nonconvex_bins, minlength=COUNT_BINS))
+        if available.sum() >= needed:
+            break
+        batch = needed + 256
+    pairs = [(np.flatnonzero(convex_bins == b)[:m], np.flatnonzero(nonconvex_bins == b)[:m]) for b, m in enumerate(available) if m]
+    convex_rows = np.concatenate([c for c, _ in pairs])
+    nonconvex_rows = np.concatenate([n for _, n in pairs])
+    order = stream(seed, "convex-pairs").permutation(len(convex_rows))[:needed]
+    convex_rows, nonconvex_rows = convex_rows[order], nonconvex_rows[order]
+    return (np.concatenate(convex)[convex_rows[:n_convex]], np.concatenate(nonconvex)[nonconvex_rows[:n_nonconvex]],
+            np.concatenate(parts)[nonconvex_rows[:n_nonconvex]])
 
 
 # --- looking at the data ------------------------------------------------------------------------

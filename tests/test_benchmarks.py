@@ -273,3 +273,47 @@ def test_image_backgrounds_are_textured_patches_behind_the_digit(mnist, name):
         # Where the digit has no ink the patch shows through untouched.
         clear = digit == 0
         assert np.array_equal(x[clear], patches[clear])
+
+
+def threshold_accuracy(train, test) -> float:
+    """Test accuracy of the best rule "label = (statistic > t)" or its reverse, t and direction fitted on train."""
+    (s_train, y_train), (s_test, y_test) = train, test
+    order = np.argsort(s_train, kind="stable")
+    s_sorted, y_sorted = s_train[order], y_train[order]
+    # Accuracy of "1 above t" for t between consecutive sorted values: ones above plus zeros at or below.
+    ones_above = y_sorted.sum() - np.concatenate([[0], np.cumsum(y_sorted)])
+    zeros_below = np.concatenate([[0], np.cumsum(1 - y_sorted)])
+    accuracy = (ones_above + zeros_below) / len(y_sorted)
+    best = int(np.argmax(np.maximum(accuracy, 1 - accuracy)))
+    threshold = -np.inf if best == 0 else s_sorted[best - 1]
+    predicted = (s_test > threshold).astype(np.int64)
+    if accuracy[best] < 0.5:
+        predicted = 1 - predicted
+    return float((predicted == y_test).mean())
+
+
+@pytest.mark.parametrize("name", ["convex", "rect", "rect-img"])
+def test_the_summed_intensity_alone_predicts_no_label(name):
+    """The on-pixel count (summed intensity for rect-img) classifies no better than chance + 5 points,
+    as with the originals: a classifier must learn the shapes."""
+    splits = generate(name, 11, sizes=(3000, 10, 3000))
+    (x_train, y_train), (x_test, y_test) = splits["train"], splits["test"]
+    chance = max(y_test.mean(), 1 - y_test.mean())
+    accuracy = threshold_accuracy((x_train.sum(1), y_train), (x_test.sum(1), y_test))
+    assert accuracy <= chance + 0.05, f"{name}: summed intensity alone gives {accuracy:.1%} against chance {chance:.1%}"
+
+
+def test_the_rule_finds_a_cue_where_there_is_one():
+    # The check above could pass by a broken rule: on data whose count does carry the label, it must see it.
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 4000)
+    counts = rng.normal(273 + 200 * y, 80)
+    assert threshold_accuracy((counts[:2000], y[:2000]), (counts[2000:], y[2000:])) > 0.85
+
+
+def test_convex_classes_share_one_histogram_of_on_pixel_counts():
+    x, y = generate("convex", 5, sizes=(1000, 10, 10))["train"]
+    counts = x.sum(1).astype(np.int64) // generators.COUNT_BIN
+    convex_hist = np.bincount(counts[y == 1], minlength=generators.COUNT_BINS)
+    nonconvex_hist = np.bincount(counts[y == 0], minlength=generators.COUNT_BINS)
+    assert np.array_equal(convex_hist, nonconvex_hist)
