@@ -9,6 +9,7 @@ stop (`dvc queue stop`), given a grace period, then killed, with a line saying s
 """
 
 import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -102,11 +103,15 @@ def stop_workers(repo: Path, since: float, kill_running: bool = False, grace: fl
     `dvc queue stop` asks the workers to exit (``kill_running`` also kills the experiments they are
     running); whatever dvc process of the queue is still alive ``grace`` seconds later is killed.
     """
+    # Listed before the stop too: a running experiment's stage is a dvc process's child only until
+    # `--kill` ends that dvc process.
+    before = repo_processes(repo, since)
     try:
         dvc("queue", "stop", *(["--kill"] if kill_running else []), echo=False)
     except SweepError as err:  # the processes are killed below all the same
         print(f"warning: {err}", flush=True)
-    _, lingering = psutil.wait_procs(repo_processes(repo, since), timeout=grace)
+    ours = {process.pid: process for process in [*before, *repo_processes(repo, since)]}
+    _, lingering = psutil.wait_procs(list(ours.values()), timeout=grace)
     killed = describe(lingering)
     kill(lingering)
     return killed
@@ -115,15 +120,21 @@ def stop_workers(repo: Path, since: float, kill_running: bool = False, grace: fl
 def run_queue(jobs: int, env: dict | None = None) -> None:
     """Run every queued experiment of the working directory's repository with ``jobs`` workers.
 
-    Returns when the queue is done and none of its workers is left, also when dvc fails or this
-    process is interrupted. A worker still alive after the queue is done is killed, with a line
-    saying so.
+    Returns when the queue is done and none of its workers is left. When dvc fails or Ctrl-C
+    interrupts, the workers and the experiments they run are stopped before the error goes on.
+    A worker still alive after the queue is done is killed, with a line saying so.
     """
     repo, started, done = Path.cwd(), time.time(), False
+    # Ctrl-C raises here (the stages' handler exits at once), so that the workers are stopped below.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         dvc("exp", "run", "--run-all", "--jobs", str(jobs), env=env)
         done = True
+    except KeyboardInterrupt:
+        raise SweepError("interrupted: the queue's workers and the experiments they ran were stopped; "
+                         "run the command again to finish what is missing") from None
     finally:
+        signal.signal(signal.SIGINT, previous)
         killed = stop_workers(repo, started, kill_running=not done)
         if killed:
-            print(f"stopped DVC queue processes still alive after the queue was done: {killed}; {STOP_HINT}", flush=True)
+            print(f"stopped DVC queue processes still alive after the queue ran: {killed}; {STOP_HINT}", flush=True)

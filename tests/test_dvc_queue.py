@@ -33,12 +33,16 @@ stages:
 """
 
 
+# The same, sleeping x seconds first: an experiment that is still running when the sweep is interrupted.
+SLOW_DVC_YAML = DVC_YAML.replace("import yaml; print(", "import time, yaml; time.sleep(yaml.safe_load(open('params.yaml'))['x']); print(")
+
+
 class QueueRepo(PipelineRepo):
     """A git + DVC repository whose pipeline is one stage reading ``x`` from params.yaml."""
 
-    def __init__(self, path):
+    def __init__(self, path, dvc_yaml: str = DVC_YAML):
         path.mkdir()
-        (path / "dvc.yaml").write_text(DVC_YAML)
+        (path / "dvc.yaml").write_text(dvc_yaml)
         super().__init__(path, {"x": 0}, tracked=())
 
     def queue(self, values) -> None:
@@ -115,7 +119,7 @@ def test_a_captured_sweep_returns_and_leaves_no_worker_even_when_one_sleeps_on(q
                               capture_output=True, text=True, timeout=DEADLINE)
     assert done.returncode == 0, done.stdout + done.stderr
     assert sleeper.stopped, "no worker was put to sleep: the test did not reproduce the hang's condition"
-    assert "stopped DVC queue processes still alive after the queue was done" in done.stdout
+    assert "stopped DVC queue processes still alive after the queue ran" in done.stdout
     assert "`dvc queue status`" in done.stdout and "`dvc queue stop`" in done.stdout
     assert not any(p.is_running() for p in sleeper.stopped)
     assert repo_processes(repo.path) == []
@@ -133,3 +137,23 @@ def test_the_harness_never_waits_on_a_pipe_a_sleeping_worker_holds(queue_repo):
     assert sleeper.stopped
     assert "queue-worker" in repo.stop_leftovers()
     assert repo_processes(repo.path, dvc_only=False) == []
+
+
+def test_an_interrupted_sweep_stops_its_workers_and_the_experiments_they_run(tmp_path):
+    repo = QueueRepo(tmp_path / "repo", SLOW_DVC_YAML)
+    try:
+        repo.queue([120, 121])
+        sweep = subprocess.Popen([sys.executable, "-c", "from sweeps.dvc_queue import run_queue; run_queue(jobs=2)"],
+                                 cwd=repo.path, env={**repo.env, "PYTHONPATH": str(ROOT)},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 90
+        while not [p for p in repo_processes(repo.path) if "time.sleep" in " ".join(p.cmdline())]:
+            assert time.monotonic() < deadline and sweep.poll() is None, "no experiment started"
+            time.sleep(0.2)
+        sweep.send_signal(signal.SIGINT)
+        stdout, stderr = sweep.communicate(timeout=60)
+        assert sweep.returncode == 1 and "interrupted: the queue's workers and the experiments they ran were stopped" in stderr, \
+            stdout + stderr
+        assert repo_processes(repo.path, dvc_only=False) == []
+    finally:
+        repo.stop_leftovers()

@@ -7,6 +7,8 @@ import sys
 import mlflow
 import pytest
 
+from sweeps.dvc_queue import repo_processes
+
 pytestmark = pytest.mark.slow
 
 
@@ -26,6 +28,7 @@ def test_a_three_point_sweep_with_two_workers(pipeline_repo):
     assert not (repo.path / "mlflow.db").exists()
     done = ablate(repo, "--nu", "0", "0.25", "0.5", "--layers", "layer3", "--jobs", "2", "--sweep-id", "s1")
     assert "2 workers x 1 torch threads" in done.stdout
+    assert repo_processes(repo.path) == []  # no queue worker outlives the sweep
     status = repo.run("dvc", "queue", "status").stdout
     assert "Worker status: 0 active, 0 idle" in status, status
 
