@@ -61,15 +61,21 @@ def main() -> None:
         seconds = repro(clone, env)
         metrics = json.loads((clone / "metrics/evaluate.json").read_text())
         finetune = json.loads((clone / "metrics/finetune.json").read_text())
-        rows.append((engine, seconds, metrics, finetune))
+        layers = [json.loads(path.read_text())["seconds"] for path in sorted((clone / "metrics/pretrain").glob("layer*.json"))]
+        rows.append((engine, seconds, metrics, finetune, layers))
 
     print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}; {cpu_model()}, {usable_cores()} cores")
-    print(f"{'engine':<10}{'dvc repro':>11}{'valid error':>13}{'test error +- 95% CI':>24}{'best epoch / run':>18}")
-    for engine, seconds, m, ft in rows:
+    print(f"{'engine':<10}{'dvc repro':>11}{'valid error':>13}{'test error +- 95% CI':>24}{'best epoch / run':>18}"
+          f"{'pretraining s per layer':>26}{'s per fine-tuning epoch':>25}")
+    for engine, seconds, m, ft, layers in rows:
         test = f"{m['test_error']:.2%} +- {m['test_error_ci95']:.2%}"
-        print(f"{engine:<10}{seconds / 60:>9.1f} m{m['valid_error']:>13.2%}{test:>24}{ft['best_epoch']:>11} / {ft['epochs_run']}")
+        print(f"{engine:<10}{seconds / 60:>9.1f} m{m['valid_error']:>13.2%}{test:>24}{ft['best_epoch']:>11} / {ft['epochs_run']:<4}"
+              f"{' / '.join(f'{s:.1f}' for s in layers):>26}{ft['seconds'] / ft['epochs_run']:>25.2f}")
     if len(rows) == 2:
-        print(f"time {rows[1][0]} / {rows[0][0]}: {rows[1][1] / rows[0][1]:.2f}x")
+        (first, *_, first_layers), (second, *_, second_layers) = rows
+        per_epoch = (rows[1][3]["seconds"] / rows[1][3]["epochs_run"]) / (rows[0][3]["seconds"] / rows[0][3]["epochs_run"])
+        print(f"{second} / {first}: dvc repro {rows[1][1] / rows[0][1]:.2f}x (the runs may stop after different epochs), "
+              f"pretraining {sum(second_layers) / sum(first_layers):.2f}x, a fine-tuning epoch {per_epoch:.2f}x")
     if args.keep:
         print(f"clone kept at {clone}")
     else:

@@ -45,17 +45,16 @@ def pretrain_layer(
 ) -> list[float]:
     """Train ``dae`` by plain minibatch SGD to reconstruct clean ``codes`` from corrupted ones.
 
-    ``engine`` runs the steps (sda/training.py): ``fused`` (hand-written, C kernels, CUDA graphs) or
-    ``autograd`` (``dae.loss`` through autograd and torch.optim.SGD).
     Returns the mean training reconstruction loss of each epoch (against the clean input, on the
     corrupted input the step saw). Raises DivergenceError naming ``name`` and the epoch as soon as
     an epoch's loss has diverged (sda/training.py's check_epoch_loss), before anything is returned
-    for saving. On CUDA, full batches
-    replay the fused step as a CUDA graph unless ``cuda_graph`` is False (sda/cuda_graphs.py).
+    for saving. ``engine`` runs the steps (sda/training.py): ``fused`` (hand-written, C kernels,
+    CUDA graphs) or ``autograd`` (``dae.loss`` through autograd and torch.optim.SGD). On CUDA,
+    full batches replay the fused step as a CUDA graph unless ``cuda_graph`` is False
+    (sda/cuda_graphs.py).
     """
     # Accumulated on the device: a .item() per step would stall a GPU every batch.
     total = torch.zeros((), device=codes.device, dtype=codes.dtype)
-
     train_step = pretrain_step(dae, lr, engine)
 
     def step(clean: torch.Tensor) -> None:
