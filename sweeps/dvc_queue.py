@@ -24,18 +24,24 @@ class SweepError(RuntimeError):
     """A sweep (sweeps.ablate, sweeps.table1) cannot start or one of its points failed."""
 
 
+def run_to_files(cmd: list[str] | tuple[str, ...], **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, **kwargs)`` with no standard input and its output read back from files,
+    never from pipes, which a detached DVC queue worker could inherit and hold open."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        returncode = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, **kwargs).returncode
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, returncode, out.read(), err.read())
+
+
 def dvc(*args: str, env: dict | None = None, echo: bool = True) -> str:
     """Run ``dvc args`` in the working directory; its stdout, or SweepError with its output's end."""
     if echo:
         print("$ dvc " + " ".join(args), flush=True)
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        returncode = subprocess.run(["dvc", *args], stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env).returncode
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if returncode != 0:
-        raise SweepError(f"`dvc {' '.join(args)}` failed:\n{stdout[-3000:]}{stderr[-3000:]}")
-    return stdout
+    done = run_to_files(["dvc", *args], env=env)
+    if done.returncode != 0:
+        raise SweepError(f"`dvc {' '.join(args)}` failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return done.stdout
 
 
 def is_dvc(process: psutil.Process) -> bool:

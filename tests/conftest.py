@@ -2,7 +2,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import psutil
@@ -10,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from sweeps.dvc_queue import describe, is_dvc, kill, repo_processes
+from sweeps.dvc_queue import describe, is_dvc, kill, repo_processes, run_to_files
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACKED = ["sda", "stages", "sweeps", "dvc.yaml", "params.yaml", ".gitignore", "pyproject.toml"]
@@ -75,13 +74,8 @@ class PipelineRepo:
         self.commit("initial")
 
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-        """Run ``cmd`` in the repository; its output is read from files, never from pipes that a
-        detached DVC queue worker could inherit and hold open after ``cmd`` has exited."""
-        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-            returncode = subprocess.run(cmd, cwd=self.path, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=err).returncode
-            out.seek(0)
-            err.seek(0)
-            done = subprocess.CompletedProcess(cmd, returncode, out.read(), err.read())
+        """Run ``cmd`` in the repository, its output read from files (a queue worker may outlive it)."""
+        done = run_to_files(cmd, cwd=self.path, env=self.env)
         if check and done.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} exited {done.returncode}\n{done.stdout}\n{done.stderr}")
         return done
