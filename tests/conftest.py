@@ -38,7 +38,9 @@ def on_one_thread_and_on_two(compute):
         torch.set_num_threads(threads)
 
 
-SESSION = str(os.getpid())
+# Marks the processes this test run starts, for the final check; pytest-xdist's workers inherit it
+# from the controlling process, which makes that check once all of them are done.
+SESSION = os.environ.setdefault("SDA_TEST_SESSION", str(os.getpid()))
 
 
 def pipeline_env() -> dict:
@@ -120,6 +122,8 @@ def pipeline_repo(tmp_path):
 
 def pytest_sessionfinish(session, exitstatus):
     """The suite fails if any dvc process it started is still alive at its end (they are killed)."""
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller checks for all
+        return
     leftovers = []
     for process in psutil.process_iter():
         try:
