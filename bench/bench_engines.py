@@ -10,11 +10,8 @@ Usage: python bench/bench_engines.py [--engines fused autograd] [--keep]
 
 import argparse
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +20,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from fresh_clone import fresh_clone  # noqa: E402
 
 from sda.device import usable_cores  # noqa: E402
 from stages.environment import cpu_model  # noqa: E402
@@ -45,16 +44,16 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", default=["fused", "autograd"], help="engines to run, in order")
     parser.add_argument("--keep", action="store_true", help="keep the temporary clone and print its path")
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="sda-engines-"))
-    clone = workdir / "repo"
-    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    with fresh_clone(args.keep) as (clone, env):
+        compare(clone, env, args.engines)
+
+
+def compare(clone: Path, env: dict, engines: list[str]) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               MLFLOW_DISABLE_TELEMETRY="true", DVC_NO_ANALYTICS="1")
     repro(clone, env, "prepare")
 
     rows = []
-    for engine in args.engines:
+    for engine in engines:
         params = yaml.safe_load((clone / "params.yaml").read_text())
         params["engine"] = engine
         (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -76,10 +75,6 @@ def main() -> None:
         per_epoch = (rows[1][3]["seconds"] / rows[1][3]["epochs_run"]) / (rows[0][3]["seconds"] / rows[0][3]["epochs_run"])
         print(f"{second} / {first}: dvc repro {rows[1][1] / rows[0][1]:.2f}x (the runs may stop after different epochs), "
               f"pretraining {sum(second_layers) / sum(first_layers):.2f}x, a fine-tuning epoch {per_epoch:.2f}x")
-    if args.keep:
-        print(f"clone kept at {clone}")
-    else:
-        shutil.rmtree(workdir)
 
 
 if __name__ == "__main__":

@@ -11,18 +11,17 @@ Usage: python bench/bench_pipeline.py [--keep] [-- extra dvc repro args]
 """
 
 import argparse
-import os
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from fresh_clone import fresh_clone  # noqa: E402
 
 from sda.device import usable_cores  # noqa: E402
 
@@ -32,14 +31,13 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary clone and print its path")
     parser.add_argument("repro_args", nargs="*", help="extra arguments for dvc repro")
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="sda-bench-"))
-    clone = workdir / "repo"
-    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-    env_path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
-    env = dict(os.environ, PATH=env_path, MLFLOW_DISABLE_TELEMETRY="true", DVC_NO_ANALYTICS="1")
+    with fresh_clone(args.keep) as (clone, env):
+        report(clone, env, args.repro_args)
 
+
+def report(clone: Path, env: dict, repro_args: list[str]) -> None:
     started = time.perf_counter()
-    process = subprocess.Popen(["dvc", "repro", *args.repro_args], cwd=clone, env=env, stdout=subprocess.PIPE,
+    process = subprocess.Popen(["dvc", "repro", *repro_args], cwd=clone, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True, bufsize=1)
     stages, current = {}, None
     for line in process.stdout:
@@ -66,10 +64,6 @@ def main() -> None:
     print(f"{'DVC overhead':<20}{total - spent:>9.1f}")
     print(f"{'total dvc repro':<20}{total:>9.1f}  ({total / 60:.1f} min)")
     print(f"peak resident memory of one process: {peak:.0f} MiB")
-    if args.keep:
-        print(f"clone kept at {clone}")
-    else:
-        shutil.rmtree(workdir)
 
 
 if __name__ == "__main__":
