@@ -6,8 +6,8 @@ each weight (bench/README.md). kernels.c is plain C99 without torch's headers, s
 and runs in every process that first asks for it, into a temporary directory: no cache to go
 stale, nothing shared between parallel stages. Where no compiler builds it, ``cpu_kernels``
 returns None after one warning that says why, and the callers keep to their torch code: the same
-quantities, with masks drawn another way (so other metrics for the same seed), and a pretraining
-epoch 1.36x slower (30.5k against 41.5k examples/s at layer 1, bench/README.md).
+quantities and the same masks for a seed, a pretraining epoch about 2x slower (layer 1 of MNIST at
+nu 0.1: 11.8k against 24.7k examples/s on a 2-core Intel Xeon, 2026-12-07).
 """
 
 import ctypes
@@ -300,14 +300,15 @@ def built_kernels() -> Kernels | None:
 def kernels_record() -> str:
     """How the C kernels were built in this process ("cc -march=native ..."), or why they were not ("none: ...")."""
     kernels = built_kernels()
-    return kernels.build if kernels is not None else f"none: {_why_unavailable[0]}"
+    return kernels.build if kernels is not None else f"none: {_build_failure}"
 
 
-_why_unavailable = ["not asked for"]
+_build_failure = ""  # why built_kernels returned None, once it has
 
 
 def _unavailable(reason: str) -> None:
-    _why_unavailable[0] = reason
+    global _build_failure
+    _build_failure = reason
     warnings.warn(f"sda's C kernels are unavailable, the CPU steps use torch ops instead (pretraining about "
-                  f"1.4x slower, different masks for the same seed): {reason}", RuntimeWarning, stacklevel=3)
+                  f"2x slower, the same masks): {reason}", RuntimeWarning, stacklevel=3)
     return None
