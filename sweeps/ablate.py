@@ -28,7 +28,7 @@ from sda.device import usable_cores
 from stages.common import run
 from stages.params import ParamsError, load_params, parse_params
 from stages.track import download_artifact, find_point_run, finished_runs, flatten, log_sweep, open_store
-from sweeps.dvc_queue import SweepError, dvc, run_queue
+from sweeps.dvc_queue import SweepError, dvc, queue_entries, run_queue
 from sweeps.report import FILTER_LEVELS, filter_figure, plot_error_against_nu, write_table
 
 DEFAULT_NU = (0.0, 0.1, 0.25, 0.4, 0.5)
@@ -46,9 +46,7 @@ def check_committed() -> None:
 
 
 def check_queue_empty() -> None:
-    status = dvc("queue", "status", echo=False)
-    waiting = [line for line in status.splitlines() if " Queued " in f" {line} " or " Running " in f" {line} "]
-    if waiting:
+    if {"Queued", "Running"} & set(queue_entries().values()):
         raise SweepError("the DVC queue already holds experiments (see `dvc queue status`); run them or "
                          "`dvc queue remove --queued` first, so this sweep runs only its own points")
 
@@ -88,40 +86,70 @@ def set_args(overrides: dict[str, object]) -> list[str]:
 def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]], jobs: int, threads: int) -> dict[str, object]:
     """Run every point as a queued DVC experiment; return {experiment name: its MLflow run}.
 
-    ``shared``: (target, overrides) of stages that several points share, run once beforehand in
-    temporary experiments so that the points restore them from DVC's run-cache.
+    A point with a finished MLflow run of the same params is not run again (a re-run after an
+    interruption finishes only what is missing); ``point["restored"]`` says which were. Points run
+    in the order of their ``phase`` (default 0), one queue run per phase, so a later phase can
+    restore stages an earlier one trained from DVC's run-cache. ``shared``: (target, overrides) of
+    stages that several points share, run once beforehand in temporary experiments.
     """
     check_committed()
     check_queue_empty()
-    open_store()  # the store exists before any worker writes to it
-    env = dict(os.environ, SDA_THREADS=str(threads))
-    for index, (target, overrides) in enumerate(shared):
-        dvc("exp", "run", "--temp", "--name", f"{sweep_id}-shared{index}", *set_args(overrides), target, env=env)
-    names = {}
-    for point in points:
-        name = f"{sweep_id}-{point['label']}"
-        dvc("exp", "run", "--queue", "--name", name, *set_args(point["overrides"]), env=env)
-        names[name] = point
-    started = time.perf_counter()
-    print(f"running {len(points)} points with {jobs} workers x {threads} torch threads ...", flush=True)
-    # The queue was empty before, so the workers it stops are this sweep's own.
-    run_queue(jobs, env)
-    # Only this sweep's entries: the queue remembers earlier sweeps' failures too.
-    failed = [line for line in dvc("queue", "status", echo=False).splitlines()
-              if "Failed" in line.split() and set(line.split()) & set(names)]
-    if failed:
-        raise SweepError("sweep points failed (see `dvc queue logs <name>`):\n" + "\n".join(failed))
-    print(f"points done in {(time.perf_counter() - started) / 60:.1f} min")
-
-    # A re-run of an unchanged point finds the earlier run: no duplicate.
-    client, experiment_id, uri = open_store()
+    client, experiment_id, uri = open_store()  # the store exists before any worker writes to it
     runs = finished_runs(client, experiment_id)
+    names = {f"{sweep_id}-{point['label']}": point for point in points}
+    for point in points:
+        point["restored"] = find_point_run(runs, point["params"]) is not None
+    missing = {name: point for name, point in names.items() if not point["restored"]}
+    print(f"{len(points) - len(missing)} of {len(points)} points have a finished MLflow run already; running {len(missing)}", flush=True)
+
+    env = dict(os.environ, SDA_THREADS=str(threads))
+    if missing:
+        remove_experiments([f"{sweep_id}-shared{index}" for index in range(len(shared))])
+        for index, (target, overrides) in enumerate(shared):
+            dvc("exp", "run", "--temp", "--name", f"{sweep_id}-shared{index}", *set_args(overrides), target, env=env)
+    for phase in sorted({point.get("phase", 0) for point in missing.values()}):
+        batch = [name for name, point in missing.items() if point.get("phase", 0) == phase]
+        run_batch(batch, missing, jobs, threads, env)
+
+    runs = finished_runs(client, experiment_id)  # a re-run of an unchanged point finds the earlier run: no duplicate
     found = {}
     for name, point in names.items():
         found[name] = find_point_run(runs, point["params"])
         if found[name] is None:
             raise SweepError(f"{name}: no finished MLflow run with its params in {uri}")
     return found
+
+
+def remove_experiments(names: list[str]) -> None:
+    """Remove the experiments of these names an earlier, interrupted run of the sweep saved, so that
+    the names can be used again (`dvc exp run --force` would also re-run every cached stage)."""
+    existing = sorted(set(names) & set(dvc("exp", "list", "--name-only", echo=False).split()))
+    if existing:
+        dvc("exp", "remove", *existing, echo=False)
+
+
+def run_batch(batch: list[str], points: dict[str, dict], jobs: int, threads: int, env: dict) -> None:
+    """Queue the named points and run them with ``jobs`` workers; on failure or Ctrl-C, nothing of them stays queued."""
+    # Entries of an interrupted earlier run under the same names (failed or never run) go first.
+    stale = sorted(set(batch) & set(queue_entries()))
+    if stale:
+        dvc("queue", "remove", *stale, echo=False)
+    remove_experiments(batch)
+    for name in batch:
+        dvc("exp", "run", "--queue", "--name", name, *set_args(points[name]["overrides"]), env=env)
+    started = time.perf_counter()
+    print(f"running {len(batch)} points with {jobs} workers x {threads} torch threads ...", flush=True)
+    try:
+        # The queue was empty before, so the workers it stops are this sweep's own.
+        run_queue(jobs, env)
+    except SweepError:
+        dvc("queue", "remove", "--queued", echo=False)
+        raise
+    # Only this batch's entries: the queue remembers earlier sweeps' failures too.
+    failed = sorted(name for name, status in queue_entries().items() if status == "Failed" and name in batch)
+    if failed:
+        raise SweepError(f"sweep points failed (see `dvc queue logs <name>`): {', '.join(failed)}")
+    print(f"{len(batch)} points done in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
 
 
 def default_threads(jobs: int) -> int:

@@ -44,6 +44,17 @@ def dvc(*args: str, env: dict | None = None, echo: bool = True) -> str:
     return done.stdout
 
 
+def queue_entries() -> dict[str, str]:
+    """{experiment name: status} of the entries `dvc queue status` lists (Queued, Running, Success, Failed)."""
+    entries = {}
+    for line in dvc("queue", "status", echo=False).splitlines():
+        words = line.split()
+        # Task, Name, Created (one or more words), Status: an entry's last word is its status.
+        if len(words) >= 4 and words[-1] in ("Queued", "Running", "Success", "Failed"):
+            entries[words[1]] = words[-1]
+    return entries
+
+
 def is_dvc(process: psutil.Process) -> bool:
     """True for a dvc command line: the `dvc` entry point or ``python .../dvc/__main__.py`` (dvc's daemons)."""
     return any(Path(arg).name == "dvc" or arg.endswith(f"dvc{os.sep}__main__.py") for arg in process.cmdline()[:2])
@@ -118,9 +129,19 @@ def stop_workers(repo: Path, since: float, kill_running: bool = False, grace: fl
         print(f"warning: {err}", flush=True)
     ours = {process.pid: process for process in [*before, *repo_processes(repo, since)]}
     _, lingering = psutil.wait_procs(list(ours.values()), timeout=grace)
-    killed = describe(lingering)
     kill(lingering)
-    return killed
+    # A worker being stopped may still start its next experiment: list again until none is left.
+    for _ in range(5):
+        late = repo_processes(repo, since)
+        if not late:
+            break
+        lingering += late
+        kill(late)
+    # An experiment killed with its worker stays "Running" in the queue's records: mark it failed.
+    stale = [name for name, status in queue_entries().items() if status == "Running"]
+    if stale:
+        dvc("queue", "kill", *stale, echo=False)
+    return describe(lingering)
 
 
 def run_queue(jobs: int, env: dict | None = None) -> None:

@@ -1,27 +1,34 @@
-"""ICML 2008 Table 1: SdA-3 and SAA-3 on the eight benchmarks, next to the paper's numbers.
+"""ICML 2008 Table 1: SAA-3 and SdA-3 on the eight benchmarks, every hyperparameter chosen on validation.
 
-    python -m sweeps.table1 --profile reduced --datasets mnist-basic rect convex   # CPU, minutes
-    python -m sweeps.table1 --profile full                                          # all eight: a GPU job
+    python -m sweeps.table1 --id table1                    # all eight datasets, the grid below
+    python -m sweeps.table1 --id table1 --datasets rect convex --finetune-lr 2
 
-For each dataset it runs SAA-3 (nu = 0 in every layer) and SdA-3 at every nu of --nu (default
-0.1 0.25 0.4, in every layer) as queued DVC experiments (the sweep machinery of sweeps/ablate.py:
-one shared `prepare` per dataset, parallel workers, one MLflow run per point), picks SdA-3's nu by
-the validation error as the paper did, and writes reports/table1/<id>/table1.md and .json: our test
-error +- 95% CI beside the paper's SdA-3 and SAA-3, with "overlap" where the two CIs overlap.
+Per dataset, the grid: nu in {0, 0.1, 0.25, 0.4} (the same in every layer; 0 is SAA-3) crossed
+with pretraining epochs per layer, pretraining rate and fine-tuning rate (GRID; rect, with 1,000
+training examples, gets more epochs: DATASET_GRID). Everything else is params.yaml. SAA-3 is the
+best point at nu = 0 and SdA-3 the best at nu > 0, both by validation error; the test split is
+only reported. Each point is a DVC experiment run by parallel queue workers and one MLflow run; the
+points that differ only in fine-tuning rate share their pretrained layers: the first fine-tuning
+rate's points run first and train them, the others restore them from DVC's run-cache.
 
-Profiles: `full` is params.yaml as it is (3 x 1000 units, 15 pretraining epochs per layer,
-fine-tuning up to 30 epochs); `reduced` keeps the architecture and cuts the budget: 5 pretraining
-epochs per layer and fine-tuning up to 15 epochs (patience 8).
+Interrupted? Run the same command again: points with a finished MLflow run of the same params are
+not run again, and stages DVC finished are restored from its run-cache.
+
+Writes reports/table1/<id>/: table1.md (ours beside the paper's, inside / better / worse than
+the paper's 95% CI; the selected hyperparameters; the cost: points run and restored, minutes per
+point by dataset, wall time), table1.json, test_error_vs_nu.png; all under one MLflow parent run.
 """
 
 import argparse
+import itertools
 import time
 from pathlib import Path
 
 import yaml
 
-from sda.artifacts import save_json, save_text
-from sda.data import BENCHMARKS
+from sda.artifacts import atomic_path, save_json, save_text
+from sda.data import DATASETS
+from sda.generators import BENCHMARKS
 from stages.common import run
 from stages.params import ParamsError, load_params
 from stages.track import flatten, log_sweep
@@ -39,87 +46,218 @@ PAPER = {
     "rect-img": {"SAA-3": (24.05, 0.37), "SdA-3": (21.59, 0.36), "nu": 0.25},
     "convex": {"SAA-3": (18.41, 0.34), "SdA-3": (19.06, 0.34), "nu": 0.10},
 }
-PROFILES = {
-    "full": {},
-    "reduced": {"epochs": 5, "finetune.max_epochs": 15, "finetune.patience": 8},
+NU = (0.1, 0.25, 0.4)  # SdA-3's candidates; nu = 0 (SAA-3) always runs
+# Inside the JMLR 2010 ranges: pretraining lr 5e-6..0.1, fine-tuning lr 5e-4..0.2 per example
+# (ours are batch means: 2.0 at batch 20 is 0.1 per example), 5-300 pretraining epochs.
+GRID = {"pretrain_epochs": [15, 30], "pretrain_lr": [0.1], "finetune_lr": [2.0, 1.0]}
+# rect has 1,000 training examples (31 steps per epoch at batch 32): 10x the epochs for about the
+# same number of steps as the 10,000-example sets, and fine-tuning long enough to leave chance.
+DATASET_GRID = {
+    "rect": {"pretrain_epochs": [50, 150], "finetune.max_epochs": 300, "finetune.patience": 50},
 }
 
 
-def profile_overrides(profile: str, layers: list[str]) -> dict[str, object]:
-    overrides = {}
-    for key, value in PROFILES[profile].items():
-        if key == "epochs":
-            overrides.update({f"pretrain.{layer}.epochs": value for layer in layers})
-        else:
-            overrides[key] = value
-    return overrides
+def dataset_grid(dataset: str, chosen: dict[str, list]) -> tuple[dict[str, list], dict[str, object]]:
+    """(grid axes, fixed overrides) of one dataset: GRID, its DATASET_GRID entry, then the command line's axes."""
+    extra = dict(DATASET_GRID.get(dataset, {}))
+    axes = {axis: extra.pop(axis, values) for axis, values in GRID.items()}
+    axes.update({axis: values for axis, values in chosen.items() if values})
+    return axes, extra
 
 
-def overlap(ours: tuple[float, float], theirs: tuple[float, float]) -> bool:
-    return abs(ours[0] - theirs[0]) <= ours[1] + theirs[1]
+def label(value: float) -> str:
+    return f"{value:g}".replace(".", "p").replace("-", "m")
+
+
+def grid_points(raw: dict, datasets: list[str], nus: list[float], chosen: dict[str, list]) -> list[dict]:
+    """Every point of every dataset's grid: its name part, -S overrides, full params and phase."""
+    layers = list(raw["pretrain"])
+    points = []
+    for dataset in datasets:
+        axes, fixed = dataset_grid(dataset, chosen)
+        for nu, epochs, pretrain_lr, finetune_lr in itertools.product(
+                [0.0, *nus], axes["pretrain_epochs"], axes["pretrain_lr"], axes["finetune_lr"]):
+            overrides = {"data.dataset": dataset, **fixed, "finetune.lr": finetune_lr}
+            for layer in layers:
+                overrides.update({f"pretrain.{layer}.corruption": nu, f"pretrain.{layer}.epochs": epochs,
+                                  f"pretrain.{layer}.lr": pretrain_lr})
+            try:
+                candidate = apply_overrides(raw, overrides)
+            except ParamsError as err:
+                raise ParamsError(f"{dataset}, nu {nu:g}, {epochs} epochs, lr {pretrain_lr:g}/{finetune_lr:g}: {err}") from err
+            points.append({
+                "label": f"{dataset}-nu{label(nu)}-e{epochs}-plr{label(pretrain_lr)}-flr{label(finetune_lr)}",
+                "dataset": dataset, "nu": nu, "pretrain_epochs": epochs, "pretrain_lr": pretrain_lr,
+                "finetune_lr": finetune_lr, "overrides": overrides, "params": flatten(candidate),
+                # The first fine-tuning rate's points train the layers the others restore.
+                "phase": axes["finetune_lr"].index(finetune_lr),
+            })
+    return points
+
+
+def verdict(ours: tuple[float, float], paper: tuple[float, float]) -> str:
+    """Where our test error falls against the paper's 95% CI: inside, better (below) or worse (above)."""
+    if ours[0] < paper[0] - paper[1]:
+        return "better"
+    if ours[0] > paper[0] + paper[1]:
+        return "worse"
+    return "inside"
+
+
+def select(rows: list[dict], baseline: bool) -> dict:
+    """The point with the lowest validation error (ties: smaller nu, then the cheaper point)."""
+    candidates = [r for r in rows if (r["nu"] == 0) == baseline]
+    return min(candidates, key=lambda r: (r["valid_error"], r["nu"], r["pretrain_epochs"], r["finetune_lr"]))
+
+
+def describe_point(row: dict) -> str:
+    return f"nu {row['nu']:g}, {row['pretrain_epochs']} ep, lr {row['pretrain_lr']:g} / {row['finetune_lr']:g}"
+
+
+def percent(row: dict) -> tuple[float, float]:
+    return 100 * row["test_error"], 100 * row["test_error_ci95"]
+
+
+def summarise(dataset: str, rows: list[dict]) -> dict:
+    saa, sda = select(rows, baseline=True), select(rows, baseline=False)
+    summary = {"dataset": dataset, "saa3": saa, "sda3": sda, "sda3_at_or_below_saa3": sda["test_error"] <= saa["test_error"]}
+    if dataset in PAPER:
+        summary["paper"] = PAPER[dataset]
+        summary["saa3_vs_paper"] = verdict(percent(saa), PAPER[dataset]["SAA-3"])
+        summary["sda3_vs_paper"] = verdict(percent(sda), PAPER[dataset]["SdA-3"])
+    return summary
+
+
+def result_table(summaries: list[dict]) -> list[str]:
+    lines = ["| dataset | SAA-3 ours | SAA-3 paper | | SdA-3 ours | SdA-3 paper (nu) | | SdA-3 <= SAA-3 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        (saa, saa_ci), (sda, sda_ci) = percent(s["saa3"]), percent(s["sda3"])
+        paper = s.get("paper")
+        saa_paper = f"{paper['SAA-3'][0]:.2f} +- {paper['SAA-3'][1]:.2f}" if paper else "-"
+        sda_paper = f"{paper['SdA-3'][0]:.2f} +- {paper['SdA-3'][1]:.2f} ({paper['nu']:g})" if paper else "-"
+        lines.append(f"| {s['dataset']} | {saa:.2f} +- {saa_ci:.2f} | {saa_paper} | {s.get('saa3_vs_paper', '')} | "
+                     f"{sda:.2f} +- {sda_ci:.2f} ({s['sda3']['nu']:g}) | {sda_paper} | {s.get('sda3_vs_paper', '')} | "
+                     f"{'yes' if s['sda3_at_or_below_saa3'] else 'no'} |")
+    return lines
+
+
+def selection_table(summaries: list[dict]) -> list[str]:
+    lines = ["| dataset | SAA-3 selected (valid error) | SdA-3 selected (valid error) |", "|---|---|---|"]
+    for s in summaries:
+        lines.append(f"| {s['dataset']} | {describe_point(s['saa3'])} ({100 * s['saa3']['valid_error']:.2f}) | "
+                     f"{describe_point(s['sda3'])} ({100 * s['sda3']['valid_error']:.2f}) |")
+    return lines
+
+
+def cost_table(rows: list[dict], wall_seconds: float) -> list[str]:
+    """Points run and restored, and the training minutes of a point (pretraining counted once per
+    configuration it trained, fine-tuning per point), from the seconds each stage recorded."""
+    lines = ["| dataset | points | run now | restored | pretraining min per configuration | fine-tuning min per point |",
+             "|---|---|---|---|---|---|"]
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        mine = [r for r in rows if r["dataset"] == dataset]
+        pretraining = {(r["nu"], r["pretrain_epochs"], r["pretrain_lr"]): r["pretrain_seconds"] for r in mine}
+        lines.append(f"| {dataset} | {len(mine)} | {sum(not r['restored'] for r in mine)} | {sum(r['restored'] for r in mine)} | "
+                     f"{sum(pretraining.values()) / len(pretraining) / 60:.2f} | "
+                     f"{sum(r['finetune_seconds'] for r in mine) / len(mine) / 60:.2f} |")
+    lines += ["", f"Wall time of this command: {wall_seconds / 60:.1f} min ({sum(not r['restored'] for r in rows)} points run, "
+              f"{sum(r['restored'] for r in rows)} restored from the MLflow store)."]
+    return lines
+
+
+def plot_error_against_nu(summaries: list[dict], rows: list[dict], path: Path) -> None:
+    """Per dataset: the test error of the best-validation point at each nu, and the paper's SAA-3 and SdA-3."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(4, len(summaries))
+    lines = -(-len(summaries) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(3.6 * columns, 3.0 * lines), dpi=100, squeeze=False)
+    for ax in axes.flat[len(summaries):]:
+        ax.axis("off")
+    for ax, summary in zip(axes.flat, summaries):
+        mine = [r for r in rows if r["dataset"] == summary["dataset"]]
+        nus = sorted({r["nu"] for r in mine})
+        best = [min((r for r in mine if r["nu"] == nu), key=lambda r: r["valid_error"]) for nu in nus]
+        ax.errorbar(nus, [100 * r["test_error"] for r in best], yerr=[100 * r["test_error_ci95"] for r in best],
+                    marker="o", capsize=3, label="ours (best on valid per nu)")
+        if "paper" in summary:
+            paper = summary["paper"]
+            ax.errorbar([0], [paper["SAA-3"][0]], yerr=[paper["SAA-3"][1]], marker="s", color="red", capsize=3, label="paper SAA-3")
+            ax.errorbar([paper["nu"]], [paper["SdA-3"][0]], yerr=[paper["SdA-3"][1]], marker="^", color="green", capsize=3,
+                        label="paper SdA-3")
+        ax.set_title(summary["dataset"], fontsize=10)
+        ax.set_xlabel("nu")
+        ax.set_ylabel("test error (%)")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=list(BENCHMARKS), choices=BENCHMARKS, metavar="NAME",
-                        help=f"benchmarks to run (default: all eight: {', '.join(BENCHMARKS)})")
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="reduced", help="budget (default: %(default)s)")
-    parser.add_argument("--nu", type=float, nargs="+", default=[0.1, 0.25, 0.4], help="SdA-3's candidate nu (default: %(default)s)")
+    parser.add_argument("--datasets", nargs="+", default=list(BENCHMARKS), choices=DATASETS, metavar="NAME",
+                        help=f"datasets (default: the eight benchmarks: {', '.join(BENCHMARKS)})")
+    parser.add_argument("--nu", type=float, nargs="+", default=list(NU), help="SdA-3's candidate nu (default: %(default)s)")
+    parser.add_argument("--pretrain-epochs", type=int, nargs="+", help=f"pretraining epochs per layer, every dataset (default: {GRID['pretrain_epochs']}; rect {DATASET_GRID['rect']['pretrain_epochs']})")
+    parser.add_argument("--pretrain-lr", type=float, nargs="+", help=f"pretraining rates, every dataset (default: {GRID['pretrain_lr']})")
+    parser.add_argument("--finetune-lr", type=float, nargs="+", help=f"fine-tuning rates, every dataset; the first trains the layers the others share (default: {GRID['finetune_lr']})")
     parser.add_argument("--jobs", "-j", type=int, default=2, help="parallel queue workers (default: %(default)s)")
     parser.add_argument("--threads", type=int, help="torch threads per worker (default: cores / jobs)")
-    parser.add_argument("--id", help="name of this reproduction (default: table1-<date>-<time>)")
+    parser.add_argument("--id", help="name of this reproduction: experiment names and the report's folder (default: table1-<date>-<time>)")
     args = parser.parse_args()
     if args.jobs < 1:
         raise ParamsError(f"--jobs: must be an integer >= 1, got {args.jobs}")
-    if any(nu <= 0 for nu in args.nu):
-        raise ParamsError(f"--nu: SdA-3's candidates must be > 0 (nu = 0 is SAA-3, always run), got {args.nu}")
+    if any(nu <= 0 for nu in args.nu) or len(set(args.nu)) != len(args.nu):
+        raise ParamsError(f"--nu: SdA-3's candidates must be distinct and > 0 (nu = 0 is SAA-3, always run), got {args.nu}")
+    chosen = {"pretrain_epochs": args.pretrain_epochs, "pretrain_lr": args.pretrain_lr, "finetune_lr": args.finetune_lr}
+    for axis, values in chosen.items():
+        if values and len(set(values)) != len(values):
+            raise ParamsError(f"--{axis.replace('_', '-')}: values must be distinct, got {values}")
 
-    params = load_params()
+    load_params()  # params.yaml itself must be valid before anything is queued
     raw = yaml.safe_load(Path("params.yaml").read_text())
-    layers = [l.name for l in params.layers]
     table_id = args.id or time.strftime("table1-%Y%m%d-%H%M%S")
-    budget = profile_overrides(args.profile, layers)
-    points, shared = [], []
-    for dataset in args.datasets:
-        shared.append(("prepare", {"data.dataset": dataset}))
-        for nu in [0.0, *args.nu]:
-            overrides = {"data.dataset": dataset, **budget, **{f"pretrain.{layer}.corruption": nu for layer in layers}}
-            points.append({"label": f"{dataset}-nu{nu:g}".replace(".", "p"), "dataset": dataset, "nu": nu,
-                           "overrides": overrides, "params": flatten(apply_overrides(raw, overrides))})
+    points = grid_points(raw, args.datasets, args.nu, chosen)
+    shared = [("prepare", {"data.dataset": dataset}) for dataset in args.datasets]
 
+    started = time.perf_counter()
     found = run_points(table_id, points, shared, args.jobs, args.threads or default_threads(args.jobs))
-    results = []
+    wall = time.perf_counter() - started
+    rows = []
     for (name, mlrun), point in zip(found.items(), points):
         m = mlrun.data.metrics
-        results.append({"dataset": point["dataset"], "nu": point["nu"], "experiment": name, "run_id": mlrun.info.run_id,
-                        "valid_error": m["valid_error"], "test_error": m["test_error"], "test_error_ci95": m["test_error_ci95"]})
+        rows.append({key: point[key] for key in ("dataset", "nu", "pretrain_epochs", "pretrain_lr", "finetune_lr", "restored")} | {
+            "experiment": name, "run_id": mlrun.info.run_id, "valid_error": m["valid_error"], "test_error": m["test_error"],
+            "test_error_ci95": m["test_error_ci95"], "finetune_seconds": m["finetune.seconds"],
+            "pretrain_seconds": sum(v for k, v in m.items() if k.startswith("pretrain.") and k.endswith(".seconds"))})
 
-    lines = [f"Profile `{args.profile}`; SdA-3's nu chosen on the validation set from {', '.join(f'{nu:g}' for nu in args.nu)}. "
-             "Test error % +- 95% CI; 'overlap': our CI overlaps the paper's.", "",
-             "| dataset | SAA-3 ours | SAA-3 paper | | SdA-3 ours (nu) | SdA-3 paper (nu) | |",
-             "|---|---|---|---|---|---|---|"]
-    summary = []
-    for dataset in args.datasets:
-        rows = [r for r in results if r["dataset"] == dataset]
-        saa = next(r for r in rows if r["nu"] == 0)
-        sda = min((r for r in rows if r["nu"] > 0), key=lambda r: (r["valid_error"], r["nu"]))
-        paper = PAPER[dataset]
-        ours_saa = (100 * saa["test_error"], 100 * saa["test_error_ci95"])
-        ours_sda = (100 * sda["test_error"], 100 * sda["test_error_ci95"])
-        lines.append(
-            f"| {dataset} | {ours_saa[0]:.2f} +- {ours_saa[1]:.2f} | {paper['SAA-3'][0]:.2f} +- {paper['SAA-3'][1]:.2f} | "
-            f"{'overlap' if overlap(ours_saa, paper['SAA-3']) else ''} | "
-            f"{ours_sda[0]:.2f} +- {ours_sda[1]:.2f} ({sda['nu']:g}) | {paper['SdA-3'][0]:.2f} +- {paper['SdA-3'][1]:.2f} ({paper['nu']:g}) | "
-            f"{'overlap' if overlap(ours_sda, paper['SdA-3']) else ''} |")
-        summary.append({"dataset": dataset, "saa3": saa, "sda3": sda, "paper": paper,
-                        "saa3_overlaps_paper": overlap(ours_saa, paper["SAA-3"]), "sda3_overlaps_paper": overlap(ours_sda, paper["SdA-3"])})
+    summaries = [summarise(dataset, [r for r in rows if r["dataset"] == dataset]) for dataset in args.datasets]
+    grids = {dataset: dataset_grid(dataset, chosen) for dataset in args.datasets}
+    grid_lines = [f"- {dataset}: nu {', '.join(f'{nu:g}' for nu in [0.0, *args.nu])} x pretraining epochs "
+                  f"{axes['pretrain_epochs']} x pretraining lr {axes['pretrain_lr']} x fine-tuning lr {axes['finetune_lr']}"
+                  + (f"; {', '.join(f'{k} {v}' for k, v in fixed.items())}" if fixed else "")
+                  for dataset, (axes, fixed) in grids.items()]
+    lines = [f"# Table 1 reproduction `{table_id}`", "",
+             "Test error % +- 95% CI. SAA-3: the best point at nu = 0, SdA-3: the best at nu > 0, both chosen on the "
+             "validation error. inside / better / worse: our test error against the paper's 95% CI.", "",
+             *result_table(summaries), "", "## The grid", "", *grid_lines, "", "## Selected points", "",
+             *selection_table(summaries), "", "## Cost", "", *cost_table(rows, wall), ""]
     report = Path("reports/table1") / table_id
-    save_text(report / "table1.md", "\n".join(lines) + "\n")
-    save_json(report / "table1.json", {"profile": args.profile, "candidates": args.nu, "datasets": summary, "points": results})
+    save_text(report / "table1.md", "\n".join(lines))
+    save_json(report / "table1.json", {"id": table_id, "grid": {d: {"axes": a, "fixed": f} for d, (a, f) in grids.items()},
+                                       "nu": [0.0, *args.nu], "datasets": summaries, "points": rows, "wall_seconds": round(wall, 1)})
+    plot_error_against_nu(summaries, rows, report / "test_error_vs_nu.png")
     parent = log_sweep(table_id, {name: r.info.run_id for name, r in found.items()}, report,
-                       {"profile": args.profile, "datasets": ",".join(args.datasets)})
+                       {"kind_of_sweep": "table1", "datasets": ",".join(args.datasets)})
     print("\n".join(lines))
-    print(f"report: {report}/table1.md; MLflow: parent run {parent} with {len(found)} child runs")
+    print(f"report: {report}/ (table1.md, table1.json, test_error_vs_nu.png); MLflow: parent run {parent} with {len(found)} child runs")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,20 @@
-"""The Table 1 command's pieces that need no training: budget profiles, CI overlap, paper numbers."""
+"""The Table 1 command: its grid, selection and verdicts, and a real interrupted-and-resumed run."""
 
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import mlflow
 import pytest
+import yaml
 
-from sda.data import BENCHMARKS
-from sweeps.table1 import PAPER, overlap, profile_overrides
+from sda.generators import BENCHMARKS
+from sweeps.dvc_queue import repo_processes
+from sweeps.table1 import DATASET_GRID, GRID, PAPER, grid_points, select, verdict
+from tests.conftest import ROOT
 
 
 def test_every_benchmark_has_the_papers_numbers():
@@ -11,17 +22,80 @@ def test_every_benchmark_has_the_papers_numbers():
     assert PAPER["rect"]["SdA-3"] == (1.99, 0.12) and PAPER["convex"]["SAA-3"] == (18.41, 0.34)
 
 
-def test_reduced_profile_cuts_every_layer_and_fine_tuning_and_full_changes_nothing():
-    assert profile_overrides("full", ["layer1", "layer2"]) == {}
-    reduced = profile_overrides("reduced", ["layer1", "layer2", "layer3"])
-    assert {k for k in reduced if k.startswith("pretrain.")} == {f"pretrain.layer{i}.epochs" for i in (1, 2, 3)}
-    assert reduced["finetune.max_epochs"] < 30
+def test_the_grid_crosses_nu_with_both_rates_and_the_epochs_and_rect_gets_its_own():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    points = grid_points(raw, ["mnist-basic", "rect"], [0.1, 0.25, 0.4], {"pretrain_epochs": None, "pretrain_lr": None, "finetune_lr": None})
+    size = 4 * len(GRID["pretrain_epochs"]) * len(GRID["pretrain_lr"]) * len(GRID["finetune_lr"])
+    basic = [p for p in points if p["dataset"] == "mnist-basic"]
+    rect = [p for p in points if p["dataset"] == "rect"]
+    assert len(basic) == len(rect) == size and len({p["label"] for p in points}) == 2 * size
+    assert {p["nu"] for p in basic} == {0.0, 0.1, 0.25, 0.4}
+    assert {p["params"]["pretrain.layer3.epochs"] for p in rect} == set(DATASET_GRID["rect"]["pretrain_epochs"])
+    assert {p["params"]["finetune.max_epochs"] for p in rect} == {DATASET_GRID["rect"]["finetune.max_epochs"]}
+    for point in basic:  # every layer gets the point's nu, epochs and rate; the first fine-tuning rate runs first
+        assert {point["params"][f"pretrain.layer{i}.corruption"] for i in (1, 2, 3)} == {point["nu"]}
+        assert point["params"]["finetune.lr"] == point["finetune_lr"]
+        assert point["phase"] == GRID["finetune_lr"].index(point["finetune_lr"])
 
 
-@pytest.mark.parametrize("ours, theirs, expected", [
-    ((2.80, 0.14), (2.80, 0.14), True),
-    ((3.00, 0.10), (2.80, 0.14), True),   # 0.20 apart, half-widths sum to 0.24
-    ((3.10, 0.10), (2.80, 0.14), False),  # 0.30 apart
-])
-def test_confidence_intervals_overlap_when_closer_than_their_half_widths(ours, theirs, expected):
-    assert overlap(ours, theirs) is expected
+def test_selection_uses_the_validation_error_only():
+    rows = [{"nu": nu, "valid_error": valid, "test_error": test, "pretrain_epochs": 15, "finetune_lr": 2.0}
+            for nu, valid, test in [(0.0, 0.05, 0.01), (0.0, 0.04, 0.09), (0.1, 0.03, 0.20), (0.25, 0.02, 0.30), (0.4, 0.02, 0.10)]]
+    assert select(rows, baseline=True)["valid_error"] == 0.04
+    assert select(rows, baseline=False)["nu"] == 0.25  # a tie on validation goes to the smaller nu, whatever the test error
+
+
+@pytest.mark.parametrize("ours, expected", [((2.80, 0.14), "inside"), ((2.94, 0.1), "inside"), ((2.95, 0.1), "worse"),
+                                            ((2.60, 0.1), "better")])
+def test_the_verdict_places_our_error_against_the_papers_interval(ours, expected):
+    assert verdict(ours, (2.80, 0.14)) == expected
+
+
+def finished_point_runs(db):
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as connection:
+        try:
+            return connection.execute("select count(*) from runs where status = 'FINISHED'").fetchone()[0]
+        except sqlite3.OperationalError:  # the store's tables are still being created
+            return 0
+
+
+@pytest.mark.slow
+def test_the_table_resumes_after_an_interruption_without_retraining_a_finished_point(pipeline_repo):
+    repo = pipeline_repo
+    command = [sys.executable, "-m", "sweeps.table1", "--datasets", "digits", "--nu", "0.25", "--pretrain-epochs", "3",
+               "--pretrain-lr", "0.1", "--finetune-lr", "0.5", "0.2", "--jobs", "1", "--id", "t"]
+    log = repo.path.parent / "first.log"
+    with open(log, "w") as out:
+        first = subprocess.Popen(command, cwd=repo.path, env=repo.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 150
+        while finished_point_runs(repo.path / "mlflow.db") == 0:
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=60) == 1
+    assert "interrupted: the queue's workers and the experiments they ran were stopped" in log.read_text()
+    assert repo_processes(repo.path, dvc_only=False) == []
+    client = mlflow.MlflowClient(f"sqlite:///{repo.path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sda-pipeline").experiment_id
+    before = {r.info.run_id for r in client.search_runs([experiment], "attributes.status = 'FINISHED'")}
+    assert 1 <= len(before) < 4
+
+    done = repo.run(*command)
+    assert f"{len(before)} of 4 points have a finished MLflow run already; running {4 - len(before)}" in done.stdout
+    runs = [r for r in client.search_runs([experiment], "attributes.status = 'FINISHED'") if r.data.tags.get("kind") != "sweep-report"]
+    assert len(runs) == 4 and before <= {r.info.run_id for r in runs}  # nothing re-trained, nothing duplicated
+    assert len({(r.data.params["pretrain.layer1.corruption"], r.data.params["finetune.lr"]) for r in runs}) == 4
+    # The second fine-tuning rate's points (none had finished) restored the layers the first one's trained.
+    for nu in ("0", "0p25"):
+        log = repo.run("dvc", "queue", "logs", f"t-digits-nu{nu}-e3-plr0p1-flr0p2").stdout
+        assert "Stage 'pretrain@layer3' is cached - skipping run" in log and "Running stage 'finetune'" in log
+    report = json.loads((repo.path / "reports/table1/t/table1.json").read_text())
+    assert [s["dataset"] for s in report["datasets"]] == ["digits"]
+    assert report["datasets"][0]["sda3"]["nu"] == 0.25 and report["datasets"][0]["saa3"]["nu"] == 0
+    assert sum(not p["restored"] for p in report["points"]) == 4 - len(before)
+    parents = client.search_runs([experiment], "tags.kind = 'sweep-report'")
+    assert len(parents) == 1 and all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+                                     for r in client.search_runs([experiment], "tags.sweep_id = 't'")
+                                     if r.data.tags.get("kind") != "sweep-report")
