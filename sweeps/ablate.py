@@ -3,9 +3,10 @@
     python -m sweeps.ablate                                   # nu 0 .1 .25 .4 .5 on every layer
     python -m sweeps.ablate --nu 0 0.25 0.5 --layers layer3 --jobs 2 --dataset digits
 
-Steps: (1) create the MLflow store once; (2) run the stages that every point shares (data, and
-the layers below the lowest swept one) once, in a temporary DVC experiment, which fills DVC's
-run-cache; (3) queue one experiment per nu (`dvc exp run --queue -S ...`) and run them with N
+Steps: (1) create the MLflow store once, and leave out the points it holds a finished run of
+(same params): an interrupted sweep, run again, finishes only what is missing; (2) run the stages
+that every point shares (data, and the layers below the lowest swept one) once, in a temporary
+DVC experiment, which fills DVC's run-cache; (3) queue one experiment per nu (`dvc exp run --queue -S ...`) and run them with N
 workers (`dvc exp run --run-all -j N`), each restoring the shared stages from the run-cache and
 using cores/N torch threads; (4) find each point's MLflow run, tag it with the sweep id and group
 it under one parent run that holds the report; (5) write reports/sweeps/<id>/: table.md/json,
@@ -83,8 +84,12 @@ def set_args(overrides: dict[str, object]) -> list[str]:
     return [arg for key, value in overrides.items() for arg in ("-S", f"{key}={value}")]
 
 
-def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]], jobs: int, threads: int) -> dict[str, object]:
-    """Run every point as a queued DVC experiment; return {experiment name: its MLflow run}.
+def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]], jobs: int, threads: int,
+               keep_going: bool = False) -> tuple[dict[str, object], dict[str, str]]:
+    """Run every point as a queued DVC experiment; return ({experiment name: its MLflow run}, {failed point: why}).
+
+    A failed point stops the sweep (SweepError) after its phase, unless ``keep_going``: then the
+    others still run and the failed ones are returned, to be run again by the next invocation.
 
     A point with a finished MLflow run of the same params is not run again (a re-run after an
     interruption finishes only what is missing); ``point["restored"]`` says which were. Points run
@@ -107,17 +112,22 @@ def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]]
         remove_experiments([f"{sweep_id}-shared{index}" for index in range(len(shared))])
         for index, (target, overrides) in enumerate(shared):
             dvc("exp", "run", "--temp", "--name", f"{sweep_id}-shared{index}", *set_args(overrides), target, env=env)
+    failed = {}
     for phase in sorted({point.get("phase", 0) for point in missing.values()}):
         batch = [name for name, point in missing.items() if point.get("phase", 0) == phase]
-        run_batch(batch, missing, jobs, threads, env)
+        failed.update(run_batch(batch, missing, jobs, threads, env))
+        if failed and not keep_going:
+            raise SweepError("sweep points failed (see `dvc queue logs <name>`):\n"
+                             + "\n".join(f"  {name}: {why}" for name, why in failed.items()))
 
     runs = finished_runs(client, experiment_id)  # a re-run of an unchanged point finds the earlier run: no duplicate
     found = {}
     for name, point in names.items():
-        found[name] = find_point_run(runs, point["params"])
-        if found[name] is None:
-            raise SweepError(f"{name}: no finished MLflow run with its params in {uri}")
-    return found
+        if name not in failed:
+            found[name] = find_point_run(runs, point["params"])
+            if found[name] is None:
+                raise SweepError(f"{name}: no finished MLflow run with its params in {uri}")
+    return found, failed
 
 
 def remove_experiments(names: list[str]) -> None:
@@ -128,8 +138,17 @@ def remove_experiments(names: list[str]) -> None:
         dvc("exp", "remove", *existing, echo=False)
 
 
-def run_batch(batch: list[str], points: dict[str, dict], jobs: int, threads: int, env: dict) -> None:
-    """Queue the named points and run them with ``jobs`` workers; on failure or Ctrl-C, nothing of them stays queued."""
+def failure_reason(name: str) -> str:
+    """The error line of a failed point's log (the stages print one `error: ...` line), or its last line."""
+    lines = [line.strip() for line in dvc("queue", "logs", name, echo=False).splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or ["no log"])[-1]
+
+
+def run_batch(batch: list[str], points: dict[str, dict], jobs: int, threads: int, env: dict) -> dict[str, str]:
+    """Queue the named points and run them with ``jobs`` workers; return {failed point: why}.
+
+    On Ctrl-C or a failure of dvc itself, nothing of them stays queued."""
     # Entries of an interrupted earlier run under the same names (failed or never run) go first.
     stale = sorted(set(batch) & set(queue_entries()))
     if stale:
@@ -146,10 +165,9 @@ def run_batch(batch: list[str], points: dict[str, dict], jobs: int, threads: int
         dvc("queue", "remove", "--queued", echo=False)
         raise
     # Only this batch's entries: the queue remembers earlier sweeps' failures too.
-    failed = sorted(name for name, status in queue_entries().items() if status == "Failed" and name in batch)
-    if failed:
-        raise SweepError(f"sweep points failed (see `dvc queue logs <name>`): {', '.join(failed)}")
-    print(f"{len(batch)} points done in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+    failed = {name: failure_reason(name) for name, status in queue_entries().items() if status == "Failed" and name in batch}
+    print(f"{len(batch) - len(failed)} points done, {len(failed)} failed, in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+    return failed
 
 
 def default_threads(jobs: int) -> int:
@@ -184,7 +202,7 @@ def main() -> None:
     lowest = min(layer_names.index(layer) for layer in layers)
     shared_target = "prepare" if lowest == 0 else f"pretrain@{layer_names[lowest - 1]}"
     shared_overrides = {k: v for k, v in points[0]["overrides"].items() if k == "data.dataset"}
-    found = run_points(sweep_id, points, [(shared_target, shared_overrides)], args.jobs, args.threads or default_threads(args.jobs))
+    found, _ = run_points(sweep_id, points, [(shared_target, shared_overrides)], args.jobs, args.threads or default_threads(args.jobs))
 
     rows = []
     for (name, run_), point in zip(found.items(), points):

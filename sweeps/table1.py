@@ -11,8 +11,10 @@ only reported. Each point is a DVC experiment run by parallel queue workers and 
 points that differ only in fine-tuning rate share their pretrained layers: the first fine-tuning
 rate's points run first and train them, the others restore them from DVC's run-cache.
 
+A point that fails (fine-tuning that diverges, for instance: SAA-3 at fine-tuning rate 2.0) is
+listed in the report with its error line and left out of the selection; the other points go on.
 Interrupted? Run the same command again: points with a finished MLflow run of the same params are
-not run again, and stages DVC finished are restored from its run-cache.
+not run again, stages DVC finished are restored from its run-cache, and failed points are retried.
 
 Writes reports/table1/<id>/: table1.md (ours beside the paper's, inside / better / worse than
 the paper's 95% CI; the selected hyperparameters; the cost: points run and restored, minutes per
@@ -107,6 +109,9 @@ def verdict(ours: tuple[float, float], paper: tuple[float, float]) -> str:
 def select(rows: list[dict], baseline: bool) -> dict:
     """The point with the lowest validation error (ties: smaller nu, then the cheaper point)."""
     candidates = [r for r in rows if (r["nu"] == 0) == baseline]
+    if not candidates:
+        raise SweepError(f"{rows[0]['dataset'] if rows else 'a dataset'}: no {'SAA-3 (nu = 0)' if baseline else 'SdA-3 (nu > 0)'} "
+                         "point finished; see the failed points above")
     return min(candidates, key=lambda r: (r["valid_error"], r["nu"], r["pretrain_epochs"], r["finetune_lr"]))
 
 
@@ -150,20 +155,27 @@ def selection_table(summaries: list[dict]) -> list[str]:
     return lines
 
 
-def cost_table(rows: list[dict], wall_seconds: float) -> list[str]:
-    """Points run and restored, and the training minutes of a point (pretraining counted once per
-    configuration it trained, fine-tuning per point), from the seconds each stage recorded."""
-    lines = ["| dataset | points | run now | restored | pretraining min per configuration | fine-tuning min per point |",
-             "|---|---|---|---|---|---|"]
+def cost_table(rows: list[dict], failed: list[dict], wall_seconds: float) -> list[str]:
+    """Points run, restored and failed, and the training minutes of a point (pretraining counted once
+    per configuration it trained, fine-tuning per point), from the seconds each stage recorded."""
+    lines = ["| dataset | points | run now | restored | failed | pretraining min per configuration | fine-tuning min per point |",
+             "|---|---|---|---|---|---|---|"]
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         mine = [r for r in rows if r["dataset"] == dataset]
         pretraining = {(r["nu"], r["pretrain_epochs"], r["pretrain_lr"]): r["pretrain_seconds"] for r in mine}
-        lines.append(f"| {dataset} | {len(mine)} | {sum(not r['restored'] for r in mine)} | {sum(r['restored'] for r in mine)} | "
-                     f"{sum(pretraining.values()) / len(pretraining) / 60:.2f} | "
+        lost = sum(f["dataset"] == dataset for f in failed)
+        lines.append(f"| {dataset} | {len(mine) + lost} | {sum(not r['restored'] for r in mine)} | {sum(r['restored'] for r in mine)} | "
+                     f"{lost} | {sum(pretraining.values()) / len(pretraining) / 60:.2f} | "
                      f"{sum(r['finetune_seconds'] for r in mine) / len(mine) / 60:.2f} |")
     lines += ["", f"Wall time of this command: {wall_seconds / 60:.1f} min ({sum(not r['restored'] for r in rows)} points run, "
-              f"{sum(r['restored'] for r in rows)} restored from the MLflow store)."]
+              f"{sum(r['restored'] for r in rows)} restored from the MLflow store, {len(failed)} failed)."]
     return lines
+
+
+def failed_lines(failed: list[dict]) -> list[str]:
+    if not failed:
+        return ["None."]
+    return [f"- {f['experiment']}: {f['why']}" for f in failed]
 
 
 def plot_error_against_nu(summaries: list[dict], rows: list[dict], path: Path) -> None:
@@ -228,10 +240,14 @@ def main() -> None:
     shared = [("prepare", {"data.dataset": dataset}) for dataset in args.datasets]
 
     started = time.perf_counter()
-    found = run_points(table_id, points, shared, args.jobs, args.threads or default_threads(args.jobs))
+    found, why = run_points(table_id, points, shared, args.jobs, args.threads or default_threads(args.jobs), keep_going=True)
     wall = time.perf_counter() - started
+    by_name = {f"{table_id}-{point['label']}": point for point in points}
+    failed = [{"experiment": name, "why": reason, **{k: by_name[name][k] for k in ("dataset", "nu", "pretrain_epochs", "pretrain_lr", "finetune_lr")}}
+              for name, reason in why.items()]
     rows = []
-    for (name, mlrun), point in zip(found.items(), points):
+    for name, mlrun in found.items():
+        point = by_name[name]
         m = mlrun.data.metrics
         rows.append({key: point[key] for key in ("dataset", "nu", "pretrain_epochs", "pretrain_lr", "finetune_lr", "restored")} | {
             "experiment": name, "run_id": mlrun.info.run_id, "valid_error": m["valid_error"], "test_error": m["test_error"],
@@ -248,16 +264,19 @@ def main() -> None:
              "Test error % +- 95% CI. SAA-3: the best point at nu = 0, SdA-3: the best at nu > 0, both chosen on the "
              "validation error. inside / better / worse: our test error against the paper's 95% CI.", "",
              *result_table(summaries), "", "## The grid", "", *grid_lines, "", "## Selected points", "",
-             *selection_table(summaries), "", "## Cost", "", *cost_table(rows, wall), ""]
+             *selection_table(summaries), "", "## Failed points", "", *failed_lines(failed), "",
+             "## Cost", "", *cost_table(rows, failed, wall), ""]
     report = Path("reports/table1") / table_id
     save_text(report / "table1.md", "\n".join(lines))
     save_json(report / "table1.json", {"id": table_id, "grid": {d: {"axes": a, "fixed": f} for d, (a, f) in grids.items()},
-                                       "nu": [0.0, *args.nu], "datasets": summaries, "points": rows, "wall_seconds": round(wall, 1)})
+                                       "nu": [0.0, *args.nu], "datasets": summaries, "points": rows, "failed": failed, "wall_seconds": round(wall, 1)})
     plot_error_against_nu(summaries, rows, report / "test_error_vs_nu.png")
     parent = log_sweep(table_id, {name: r.info.run_id for name, r in found.items()}, report,
                        {"kind_of_sweep": "table1", "datasets": ",".join(args.datasets)})
     print("\n".join(lines))
     print(f"report: {report}/ (table1.md, table1.json, test_error_vs_nu.png); MLflow: parent run {parent} with {len(found)} child runs")
+    if failed:
+        print(f"{len(failed)} points failed (listed in the report); running the command again retries them")
 
 
 if __name__ == "__main__":

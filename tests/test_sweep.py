@@ -61,8 +61,10 @@ def test_a_three_point_sweep_with_two_workers(pipeline_repo):
     shown = repo.run("dvc", "exp", "show", "--json").stdout
     assert "s1-nu0p25" in shown
 
-    # The same sweep again: every point is restored from the cache and no run is duplicated.
-    ablate(repo, "--nu", "0", "0.25", "0.5", "--layers", "layer3", "--jobs", "2", "--sweep-id", "s2")
+    # The same sweep again: every point is found in the store, nothing runs and no run is duplicated.
+    again = ablate(repo, "--nu", "0", "0.25", "0.5", "--layers", "layer3", "--jobs", "2", "--sweep-id", "s2")
+    assert "3 of 3 points have a finished MLflow run already; running 0" in again.stdout
+    assert "dvc exp run" not in again.stdout
     _, again = point_runs(repo)
     assert sorted(r.info.run_id for r in again) == sorted(r.info.run_id for r in runs)
     assert {r.data.tags["sweep_id"] for r in again} == {"s2"}
