@@ -307,10 +307,19 @@ def find_point_run(runs: list, expected: dict[str, object]):
 
 
 def log_sweep(sweep_id: str, point_runs: dict[str, str], report_dir: Path, tags: dict[str, str]) -> str:
-    """One parent run holding the sweep's report; the point runs become its children."""
+    """One parent run holding the sweep's report; the point runs become its children.
+
+    A sweep run again under its id (to finish an interrupted one) updates its parent run in place.
+    """
     client, experiment_id, _ = open_store()
-    parent = client.create_run(experiment_id, run_name=f"sweep {sweep_id}",
-                               tags={"kind": "sweep-report", "sweep_id": sweep_id, **tags}).info.run_id
+    tags = {"kind": "sweep-report", "sweep_id": sweep_id, **tags}
+    earlier = client.search_runs([experiment_id], f"tags.kind = 'sweep-report' and tags.sweep_id = '{sweep_id}'", max_results=1)
+    if earlier:
+        parent = earlier[0].info.run_id
+        for key, value in tags.items():
+            client.set_tag(parent, key, value)
+    else:
+        parent = client.create_run(experiment_id, run_name=f"sweep {sweep_id}", tags=tags).info.run_id
     for path in sorted(report_dir.iterdir()):
         client.log_artifact(parent, str(path), artifact_path="report")
     for exp_name, run_id in point_runs.items():

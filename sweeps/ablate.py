@@ -17,6 +17,7 @@ Queued experiments see only what git tracks: commit your changes first (this com
 
 import argparse
 import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -46,8 +47,14 @@ def check_committed() -> None:
         raise SweepError(f"commit these first; queued experiments see only what git has committed: {changed}")
 
 
-def check_queue_empty() -> None:
-    if {"Queued", "Running"} & set(queue_entries().values()):
+def check_queue_empty(sweep_id: str) -> None:
+    """The queue must hold nothing waiting or running, but for this sweep's own leftovers of an
+    interrupted run, which are removed."""
+    waiting = {name: status for name, status in queue_entries().items() if status in ("Queued", "Running")}
+    own = sorted(name for name, status in waiting.items() if name.startswith(f"{sweep_id}-") and status == "Queued")
+    if own:
+        dvc("queue", "remove", *own, echo=False)
+    if set(waiting) - set(own):
         raise SweepError("the DVC queue already holds experiments (see `dvc queue status`); run them or "
                          "`dvc queue remove --queued` first, so this sweep runs only its own points")
 
@@ -88,37 +95,52 @@ def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]]
                keep_going: bool = False) -> tuple[dict[str, object], dict[str, str]]:
     """Run every point as a queued DVC experiment; return ({experiment name: its MLflow run}, {failed point: why}).
 
-    A failed point stops the sweep (SweepError) after its phase, unless ``keep_going``: then the
-    others still run and the failed ones are returned, to be run again by the next invocation.
-
-    A point with a finished MLflow run of the same params is not run again (a re-run after an
-    interruption finishes only what is missing); ``point["restored"]`` says which were. Points run
-    in the order of their ``phase`` (default 0), one queue run per phase, so a later phase can
-    restore stages an earlier one trained from DVC's run-cache. ``shared``: (target, overrides) of
-    stages that several points share, run once beforehand in temporary experiments.
+    Each point is named ``<sweep_id>-<label>`` (set as ``point["experiment"]``). A point with a
+    finished MLflow run of the same params is not run again (a re-run after an interruption
+    finishes only what is missing); ``point["restored"]`` says which were. Points run in the order
+    of their ``phase`` (default 0), one queue run per phase, so a later phase can restore stages an
+    earlier one trained from DVC's run-cache. ``shared``: (target, overrides) of stages that
+    several points share, run once beforehand in temporary experiments for the points that need
+    them. A failed point stops the sweep (SweepError) after its phase, unless ``keep_going``: then
+    the others still run and the failed ones are returned, to be retried by the next invocation.
     """
-    check_committed()
-    check_queue_empty()
-    client, experiment_id, uri = open_store()  # the store exists before any worker writes to it
-    runs = finished_runs(client, experiment_id)
-    names = {f"{sweep_id}-{point['label']}": point for point in points}
     for point in points:
-        point["restored"] = find_point_run(runs, point["params"]) is not None
-    missing = {name: point for name, point in names.items() if not point["restored"]}
-    print(f"{len(points) - len(missing)} of {len(points)} points have a finished MLflow run already; running {len(missing)}", flush=True)
+        point["experiment"] = f"{sweep_id}-{point['label']}"
+    names = {point["experiment"]: point for point in points}
+    if len(names) != len(points):
+        raise SweepError(f"two points share a name; labels: {', '.join(sorted(p['label'] for p in points))}")
+    check_committed()
+    # Ctrl-C raises KeyboardInterrupt while the sweep queues and runs (the stages' handler would
+    # exit at once), so that nothing of it stays queued or running.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        check_queue_empty(sweep_id)
+        client, experiment_id, uri = open_store()  # the store exists before any worker writes to it
+        runs = finished_runs(client, experiment_id)
+        for point in points:
+            point["restored"] = find_point_run(runs, point["params"]) is not None
+        missing = {name: point for name, point in names.items() if not point["restored"]}
+        print(f"{len(points) - len(missing)} of {len(points)} points have a finished MLflow run already; running {len(missing)}",
+              flush=True)
 
-    env = dict(os.environ, SDA_THREADS=str(threads))
-    if missing:
-        remove_experiments([f"{sweep_id}-shared{index}" for index in range(len(shared))])
-        for index, (target, overrides) in enumerate(shared):
+        env = dict(os.environ, SDA_THREADS=str(threads))
+        needed = [(index, target, overrides) for index, (target, overrides) in enumerate(shared)
+                  if any(overrides.items() <= point["overrides"].items() for point in missing.values())]
+        remove_experiments([f"{sweep_id}-shared{index}" for index, _, _ in needed])
+        for index, target, overrides in needed:
             dvc("exp", "run", "--temp", "--name", f"{sweep_id}-shared{index}", *set_args(overrides), target, env=env)
-    failed = {}
-    for phase in sorted({point.get("phase", 0) for point in missing.values()}):
-        batch = [name for name, point in missing.items() if point.get("phase", 0) == phase]
-        failed.update(run_batch(batch, missing, jobs, threads, env))
-        if failed and not keep_going:
-            raise SweepError("sweep points failed (see `dvc queue logs <name>`):\n"
-                             + "\n".join(f"  {name}: {why}" for name, why in failed.items()))
+        failed = {}
+        for phase in sorted({point.get("phase", 0) for point in missing.values()}):
+            batch = [name for name, point in missing.items() if point.get("phase", 0) == phase]
+            failed.update(run_batch(batch, missing, jobs, threads, env))
+            if failed and not keep_going:
+                raise SweepError("sweep points failed (see `dvc queue logs <name>`):\n"
+                                 + "\n".join(f"  {name}: {why}" for name, why in failed.items()))
+    except KeyboardInterrupt:
+        raise SweepError(f"interrupted: nothing of the sweep is left queued or running; run the command again "
+                         f"(with --id {sweep_id}, where the id was not given) to finish what is missing") from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
     runs = finished_runs(client, experiment_id)  # a re-run of an unchanged point finds the earlier run: no duplicate
     found = {}
@@ -126,7 +148,10 @@ def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]]
         if name not in failed:
             found[name] = find_point_run(runs, point["params"])
             if found[name] is None:
-                raise SweepError(f"{name}: no finished MLflow run with its params in {uri}")
+                failed[name] = f"the experiment succeeded but no finished MLflow run with its params is in {uri}"
+                del found[name]
+    if failed and not keep_going:
+        raise SweepError("\n".join(f"{name}: {why}" for name, why in failed.items()))
     return found, failed
 
 
@@ -140,32 +165,39 @@ def remove_experiments(names: list[str]) -> None:
 
 def failure_reason(name: str) -> str:
     """The error line of a failed point's log (the stages print one `error: ...` line), or its last line."""
-    lines = [line.strip() for line in dvc("queue", "logs", name, echo=False).splitlines() if line.strip()]
+    try:
+        lines = [line.strip() for line in dvc("queue", "logs", name, echo=False).splitlines() if line.strip()]
+    except SweepError as err:
+        return f"no log: {str(err).splitlines()[0]}"
     errors = [line for line in lines if line.startswith("error:")]
-    return (errors or lines or ["no log"])[-1]
+    return (errors or lines or ["empty log"])[-1]
 
 
 def run_batch(batch: list[str], points: dict[str, dict], jobs: int, threads: int, env: dict) -> dict[str, str]:
     """Queue the named points and run them with ``jobs`` workers; return {failed point: why}.
 
-    On Ctrl-C or a failure of dvc itself, nothing of them stays queued."""
+    Whatever stops it (Ctrl-C, a failure of dvc itself), none of them stays queued."""
     # Entries of an interrupted earlier run under the same names (failed or never run) go first.
     stale = sorted(set(batch) & set(queue_entries()))
     if stale:
         dvc("queue", "remove", *stale, echo=False)
     remove_experiments(batch)
-    for name in batch:
-        dvc("exp", "run", "--queue", "--name", name, *set_args(points[name]["overrides"]), env=env)
-    started = time.perf_counter()
-    print(f"running {len(batch)} points with {jobs} workers x {threads} torch threads ...", flush=True)
     try:
+        for name in batch:
+            dvc("exp", "run", "--queue", "--name", name, *set_args(points[name]["overrides"]), env=env)
+        started = time.perf_counter()
+        print(f"running {len(batch)} points with {jobs} workers x {threads} torch threads ...", flush=True)
         # The queue was empty before, so the workers it stops are this sweep's own.
         run_queue(jobs, env)
-    except SweepError:
-        dvc("queue", "remove", "--queued", echo=False)
+    except BaseException:
+        queued = sorted(name for name, status in queue_entries().items() if status == "Queued" and name in batch)
+        if queued:
+            dvc("queue", "remove", *queued, echo=False)
         raise
     # Only this batch's entries: the queue remembers earlier sweeps' failures too.
-    failed = {name: failure_reason(name) for name, status in queue_entries().items() if status == "Failed" and name in batch}
+    statuses = queue_entries()
+    failed = {name: failure_reason(name) if name in statuses else "not in the queue's records"
+              for name in batch if statuses.get(name) != "Success"}
     print(f"{len(batch) - len(failed)} points done, {len(failed)} failed, in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     return failed
 
@@ -205,9 +237,10 @@ def main() -> None:
     found, _ = run_points(sweep_id, points, [(shared_target, shared_overrides)], args.jobs, args.threads or default_threads(args.jobs))
 
     rows = []
-    for (name, run_), point in zip(found.items(), points):
+    for point in points:
+        run_ = found[point["experiment"]]
         metrics = run_.data.metrics
-        rows.append({"nu": point["nu"], "experiment": name, "run_id": run_.info.run_id,
+        rows.append({"nu": point["nu"], "experiment": point["experiment"], "run_id": run_.info.run_id,
                      **{k: metrics[k] for k in ("valid_error", "test_error", "test_error_ci95")},
                      **{f"{l}_train_loss": metrics[f"pretrain.{l}.train_loss"] for l in layer_names}})
 

@@ -45,12 +45,12 @@ def dvc(*args: str, env: dict | None = None, echo: bool = True) -> str:
 
 
 def queue_entries() -> dict[str, str]:
-    """{experiment name: status} of the entries `dvc queue status` lists (Queued, Running, Success, Failed)."""
+    """{experiment name: status} of the entries `dvc queue status` lists (Queued, Running, Success, Failed, Unknown)."""
     entries = {}
     for line in dvc("queue", "status", echo=False).splitlines():
         words = line.split()
         # Task, Name, Created (one or more words), Status: an entry's last word is its status.
-        if len(words) >= 4 and words[-1] in ("Queued", "Running", "Success", "Failed"):
+        if len(words) >= 4 and words[-1] in ("Queued", "Running", "Success", "Failed", "Unknown"):
             entries[words[1]] = words[-1]
     return entries
 
@@ -120,6 +120,9 @@ def stop_workers(repo: Path, since: float, kill_running: bool = False, grace: fl
     `dvc queue stop` asks the workers to exit (``kill_running`` also kills the experiments they are
     running); whatever dvc process of the queue is still alive ``grace`` seconds later is killed.
     """
+    # psutil's start times rest on a boot time rounded to the second: a worker started in the same
+    # second as ``since`` may read as up to a second earlier.
+    since -= 2.0
     # Listed before the stop too: a running experiment's stage is a dvc process's child only until
     # `--kill` ends that dvc process.
     before = repo_processes(repo, since)
@@ -129,19 +132,26 @@ def stop_workers(repo: Path, since: float, kill_running: bool = False, grace: fl
         print(f"warning: {err}", flush=True)
     ours = {process.pid: process for process in [*before, *repo_processes(repo, since)]}
     _, lingering = psutil.wait_procs(list(ours.values()), timeout=grace)
+    killed = [describe(lingering)] if lingering else []
     kill(lingering)
     # A worker being stopped may still start its next experiment: list again until none is left.
     for _ in range(5):
         late = repo_processes(repo, since)
         if not late:
             break
-        lingering += late
+        killed.append(describe(late))
         kill(late)
+    else:
+        if late := repo_processes(repo, since):
+            print(f"warning: DVC queue processes still alive after five rounds of kills: {describe(late)}; {STOP_HINT}", flush=True)
     # An experiment killed with its worker stays "Running" in the queue's records: mark it failed.
-    stale = [name for name, status in queue_entries().items() if status == "Running"]
-    if stale:
-        dvc("queue", "kill", *stale, echo=False)
-    return describe(lingering)
+    try:
+        stale = [name for name, status in queue_entries().items() if status == "Running"]
+        if stale:
+            dvc("queue", "kill", *stale, echo=False)
+    except SweepError as err:
+        print(f"warning: {err}", flush=True)
+    return ", ".join(killed)
 
 
 def run_queue(jobs: int, env: dict | None = None) -> None:

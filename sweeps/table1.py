@@ -106,13 +106,15 @@ def verdict(ours: tuple[float, float], paper: tuple[float, float]) -> str:
     return "inside"
 
 
-def select(rows: list[dict], baseline: bool) -> dict:
-    """The point with the lowest validation error (ties: smaller nu, then the cheaper point)."""
-    candidates = [r for r in rows if (r["nu"] == 0) == baseline]
-    if not candidates:
-        raise SweepError(f"{rows[0]['dataset'] if rows else 'a dataset'}: no {'SAA-3 (nu = 0)' if baseline else 'SdA-3 (nu > 0)'} "
-                         "point finished; see the failed points above")
-    return min(candidates, key=lambda r: (r["valid_error"], r["nu"], r["pretrain_epochs"], r["finetune_lr"]))
+def best(rows: list[dict]) -> dict | None:
+    """The point with the lowest validation error (ties go to the smaller nu, then the shorter
+    pretraining, then the smaller rates); None for no point."""
+    return min(rows, key=lambda r: (r["valid_error"], r["nu"], r["pretrain_epochs"], r["pretrain_lr"], r["finetune_lr"])) if rows else None
+
+
+def select(rows: list[dict], baseline: bool) -> dict | None:
+    """SAA-3 (``baseline``: the best point at nu = 0) or SdA-3 (the best at nu > 0); None if none finished."""
+    return best([r for r in rows if (r["nu"] == 0) == baseline])
 
 
 def describe_point(row: dict) -> str:
@@ -124,34 +126,42 @@ def percent(row: dict) -> tuple[float, float]:
 
 
 def summarise(dataset: str, rows: list[dict]) -> dict:
+    """SAA-3 and SdA-3 of one dataset and how they compare; a method none of whose points finished is None."""
     saa, sda = select(rows, baseline=True), select(rows, baseline=False)
-    summary = {"dataset": dataset, "saa3": saa, "sda3": sda, "sda3_at_or_below_saa3": sda["test_error"] <= saa["test_error"]}
+    summary = {"dataset": dataset, "saa3": saa, "sda3": sda,
+               "sda3_at_or_below_saa3": sda["test_error"] <= saa["test_error"] if saa and sda else None}
     if dataset in PAPER:
         summary["paper"] = PAPER[dataset]
-        summary["saa3_vs_paper"] = verdict(percent(saa), PAPER[dataset]["SAA-3"])
-        summary["sda3_vs_paper"] = verdict(percent(sda), PAPER[dataset]["SdA-3"])
+        summary["saa3_vs_paper"] = verdict(percent(saa), PAPER[dataset]["SAA-3"]) if saa else None
+        summary["sda3_vs_paper"] = verdict(percent(sda), PAPER[dataset]["SdA-3"]) if sda else None
     return summary
+
+
+def error_cell(row: dict | None, with_nu: bool = False) -> str:
+    if row is None:
+        return "no point finished"
+    error, ci = percent(row)
+    return f"{error:.2f} +- {ci:.2f}" + (f" ({row['nu']:g})" if with_nu else "")
 
 
 def result_table(summaries: list[dict]) -> list[str]:
     lines = ["| dataset | SAA-3 ours | SAA-3 paper | | SdA-3 ours | SdA-3 paper (nu) | | SdA-3 <= SAA-3 |",
              "|---|---|---|---|---|---|---|---|"]
     for s in summaries:
-        (saa, saa_ci), (sda, sda_ci) = percent(s["saa3"]), percent(s["sda3"])
         paper = s.get("paper")
         saa_paper = f"{paper['SAA-3'][0]:.2f} +- {paper['SAA-3'][1]:.2f}" if paper else "-"
         sda_paper = f"{paper['SdA-3'][0]:.2f} +- {paper['SdA-3'][1]:.2f} ({paper['nu']:g})" if paper else "-"
-        lines.append(f"| {s['dataset']} | {saa:.2f} +- {saa_ci:.2f} | {saa_paper} | {s.get('saa3_vs_paper', '')} | "
-                     f"{sda:.2f} +- {sda_ci:.2f} ({s['sda3']['nu']:g}) | {sda_paper} | {s.get('sda3_vs_paper', '')} | "
-                     f"{'yes' if s['sda3_at_or_below_saa3'] else 'no'} |")
+        at_or_below = {True: "yes", False: "no", None: "-"}[s["sda3_at_or_below_saa3"]]
+        lines.append(f"| {s['dataset']} | {error_cell(s['saa3'])} | {saa_paper} | {s.get('saa3_vs_paper') or ''} | "
+                     f"{error_cell(s['sda3'], with_nu=True)} | {sda_paper} | {s.get('sda3_vs_paper') or ''} | {at_or_below} |")
     return lines
 
 
 def selection_table(summaries: list[dict]) -> list[str]:
     lines = ["| dataset | SAA-3 selected (valid error) | SdA-3 selected (valid error) |", "|---|---|---|"]
     for s in summaries:
-        lines.append(f"| {s['dataset']} | {describe_point(s['saa3'])} ({100 * s['saa3']['valid_error']:.2f}) | "
-                     f"{describe_point(s['sda3'])} ({100 * s['sda3']['valid_error']:.2f}) |")
+        cells = [f"{describe_point(row)} ({100 * row['valid_error']:.2f})" if row else "no point finished" for row in (s["saa3"], s["sda3"])]
+        lines.append(f"| {s['dataset']} | {cells[0]} | {cells[1]} |")
     return lines
 
 
@@ -160,13 +170,14 @@ def cost_table(rows: list[dict], failed: list[dict], wall_seconds: float) -> lis
     per configuration it trained, fine-tuning per point), from the seconds each stage recorded."""
     lines = ["| dataset | points | run now | restored | failed | pretraining min per configuration | fine-tuning min per point |",
              "|---|---|---|---|---|---|---|"]
-    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+    for dataset in dict.fromkeys(r["dataset"] for r in [*rows, *failed]):
         mine = [r for r in rows if r["dataset"] == dataset]
         pretraining = {(r["nu"], r["pretrain_epochs"], r["pretrain_lr"]): r["pretrain_seconds"] for r in mine}
         lost = sum(f["dataset"] == dataset for f in failed)
+        minutes = (f"{sum(pretraining.values()) / len(pretraining) / 60:.2f} | {sum(r['finetune_seconds'] for r in mine) / len(mine) / 60:.2f}"
+                   if mine else "- | -")
         lines.append(f"| {dataset} | {len(mine) + lost} | {sum(not r['restored'] for r in mine)} | {sum(r['restored'] for r in mine)} | "
-                     f"{lost} | {sum(pretraining.values()) / len(pretraining) / 60:.2f} | "
-                     f"{sum(r['finetune_seconds'] for r in mine) / len(mine) / 60:.2f} |")
+                     f"{lost} | {minutes} |")
     lines += ["", f"Wall time of this command: {wall_seconds / 60:.1f} min ({sum(not r['restored'] for r in rows)} points run, "
               f"{sum(r['restored'] for r in rows)} restored from the MLflow store, {len(failed)} failed)."]
     return lines
@@ -181,9 +192,8 @@ def budget_table(rows: list[dict]) -> list[str]:
             mine = [r for r in rows if r["dataset"] == dataset and r["pretrain_epochs"] == epochs]
             cells = []
             for baseline in (True, False):
-                group = [r for r in mine if (r["nu"] == 0) == baseline]
-                best = min(group, key=lambda r: r["valid_error"]) if group else None
-                cells.append(f"{100 * best['test_error']:.2f} ({100 * best['valid_error']:.2f})" if best else "-")
+                chosen = select(mine, baseline)
+                cells.append(f"{100 * chosen['test_error']:.2f} ({100 * chosen['valid_error']:.2f})" if chosen else "-")
             capped = sum(r["finetune_epochs"] >= r["finetune_max_epochs"] for r in mine)
             lines.append(f"| {dataset} | {epochs} | {cells[0]} | {cells[1]} | {capped} of {len(mine)} |")
     return lines
@@ -210,8 +220,8 @@ def plot_error_against_nu(summaries: list[dict], rows: list[dict], path: Path) -
     for ax, summary in zip(axes.flat, summaries):
         mine = [r for r in rows if r["dataset"] == summary["dataset"]]
         nus = sorted({r["nu"] for r in mine})
-        best = [min((r for r in mine if r["nu"] == nu), key=lambda r: r["valid_error"]) for nu in nus]
-        ax.errorbar(nus, [100 * r["test_error"] for r in best], yerr=[100 * r["test_error_ci95"] for r in best],
+        chosen = [best([r for r in mine if r["nu"] == nu]) for nu in nus]
+        ax.errorbar(nus, [100 * r["test_error"] for r in chosen], yerr=[100 * r["test_error_ci95"] for r in chosen],
                     marker="o", capsize=3, label="ours (best on valid per nu)")
         if "paper" in summary:
             paper = summary["paper"]
@@ -257,15 +267,17 @@ def main() -> None:
     points = grid_points(raw, args.datasets, args.nu, chosen)
     shared = [("prepare", {"data.dataset": dataset}) for dataset in args.datasets]
 
+    print(f"Table 1 `{table_id}`: {len(points)} points; interrupted, run it again with --id {table_id}", flush=True)
     started = time.perf_counter()
     found, why = run_points(table_id, points, shared, args.jobs, args.threads or default_threads(args.jobs), keep_going=True)
     wall = time.perf_counter() - started
-    by_name = {f"{table_id}-{point['label']}": point for point in points}
-    failed = [{"experiment": name, "why": reason, **{k: by_name[name][k] for k in ("dataset", "nu", "pretrain_epochs", "pretrain_lr", "finetune_lr")}}
-              for name, reason in why.items()]
+    keys = ("dataset", "nu", "pretrain_epochs", "pretrain_lr", "finetune_lr")
+    failed = [{"experiment": p["experiment"], "why": why[p["experiment"]], **{k: p[k] for k in keys}} for p in points if p["experiment"] in why]
     rows = []
-    for name, mlrun in found.items():
-        point = by_name[name]
+    for point in points:
+        if point["experiment"] not in found:
+            continue
+        name, mlrun = point["experiment"], found[point["experiment"]]
         m = mlrun.data.metrics
         rows.append({key: point[key] for key in ("dataset", "nu", "pretrain_epochs", "pretrain_lr", "finetune_lr", "restored")} | {
             "experiment": name, "run_id": mlrun.info.run_id, "valid_error": m["valid_error"], "test_error": m["test_error"],

@@ -1,20 +1,22 @@
 """The Table 1 command: its grid, selection and verdicts, and a real interrupted-and-resumed run."""
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 import yaml
 
 from sda.generators import BENCHMARKS
-from sweeps.dvc_queue import repo_processes
 from sweeps.table1 import DATASET_GRID, GRID, PAPER, grid_points, select, verdict
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SESSION
 
 
 def test_every_benchmark_has_the_papers_numbers():
@@ -39,16 +41,29 @@ def test_the_grid_crosses_nu_with_both_rates_and_the_epochs_and_rect_gets_its_ow
 
 
 def test_selection_uses_the_validation_error_only():
-    rows = [{"nu": nu, "valid_error": valid, "test_error": test, "pretrain_epochs": 15, "finetune_lr": 2.0}
+    rows = [{"nu": nu, "valid_error": valid, "test_error": test, "pretrain_epochs": 15, "pretrain_lr": 0.1, "finetune_lr": 2.0}
             for nu, valid, test in [(0.0, 0.05, 0.01), (0.0, 0.04, 0.09), (0.1, 0.03, 0.20), (0.25, 0.02, 0.30), (0.4, 0.02, 0.10)]]
     assert select(rows, baseline=True)["valid_error"] == 0.04
     assert select(rows, baseline=False)["nu"] == 0.25  # a tie on validation goes to the smaller nu, whatever the test error
+    assert select([r for r in rows if r["nu"] > 0], baseline=True) is None
 
 
 @pytest.mark.parametrize("ours, expected", [((2.80, 0.14), "inside"), ((2.94, 0.1), "inside"), ((2.95, 0.1), "worse"),
                                             ((2.60, 0.1), "better")])
 def test_the_verdict_places_our_error_against_the_papers_interval(ours, expected):
     assert verdict(ours, (2.80, 0.14)) == expected
+
+
+def processes_of_this_test_in(repo):
+    """Processes of this test run (marked by SDA_TEST_SESSION) working inside ``repo``: none should outlive a command."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("SDA_TEST_SESSION") == SESSION and Path(process.cwd()).is_relative_to(repo):
+                found.append(f"{process.pid} {' '.join(process.cmdline()[:4])}")
+        except (psutil.Error, OSError):
+            continue
+    return found
 
 
 def finished_point_runs(db):
@@ -62,7 +77,7 @@ def finished_point_runs(db):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(480)  # seven experiments and an interruption; over 300 s on 2 busy cores
+@pytest.mark.timeout(540)  # nine experiments and an interruption: over 300 s on 2 busy cores
 def test_the_table_resumes_after_an_interruption_without_retraining_a_finished_point(pipeline_repo):
     """Fine-tuning rate 0.5 runs first and trains the layers; at 1000 fine-tuning diverges: those points fail, listed."""
     repo = pipeline_repo
@@ -70,15 +85,17 @@ def test_the_table_resumes_after_an_interruption_without_retraining_a_finished_p
                "--pretrain-lr", "0.1", "--finetune-lr", "0.5", "1000", "--jobs", "1", "--id", "t"]
     log = repo.path.parent / "first.log"
     with open(log, "w") as out:
-        first = subprocess.Popen(command, cwd=repo.path, env=repo.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        # Its own process group, which gets the SIGINT, as a terminal's Ctrl-C reaches the foreground group.
+        first = subprocess.Popen(command, cwd=repo.path, env=repo.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
         deadline = time.monotonic() + 150
         while finished_point_runs(repo.path / "mlflow.db") == 0:
             assert first.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
-        first.send_signal(signal.SIGINT)
+        os.killpg(first.pid, signal.SIGINT)
         assert first.wait(timeout=60) == 1
-    assert "interrupted: the queue's workers and the experiments they ran were stopped" in log.read_text()
-    assert repo_processes(repo.path, dvc_only=False) == []
+    assert "error: interrupted: " in log.read_text()
+    assert processes_of_this_test_in(repo.path) == []
     client = mlflow.MlflowClient(f"sqlite:///{repo.path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("sda-pipeline").experiment_id
     before = {r.info.run_id for r in client.search_runs([experiment], "attributes.status = 'FINISHED'")}
@@ -104,3 +121,10 @@ def test_the_table_resumes_after_an_interruption_without_retraining_a_finished_p
     assert len(parents) == 1 and all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
                                      for r in client.search_runs([experiment], "tags.sweep_id = 't'")
                                      if r.data.tags.get("kind") != "sweep-report")
+
+    # Once more: only the failed points run (and fail again); the parent run is updated, not doubled.
+    again = repo.run(*command)
+    assert "2 of 4 points have a finished MLflow run already; running 2" in again.stdout
+    assert "0 points done, 2 failed" in again.stdout
+    assert [r.info.run_id for r in client.search_runs([experiment], "tags.kind = 'sweep-report'")] == [parents[0].info.run_id]
+    assert processes_of_this_test_in(repo.path) == []
