@@ -71,12 +71,15 @@ def label(value: float) -> str:
     return f"{value:g}".replace(".", "p").replace("-", "m")
 
 
-def grid_points(raw: dict, datasets: list[str], nus: list[float], chosen: dict[str, list]) -> list[dict]:
-    """Every point of every dataset's grid: its name part, -S overrides, full params and phase."""
+def grid_points(raw: dict, datasets: list[str], nus: list[float], chosen: dict[str, list],
+                extra: dict[str, object] | None = None) -> list[dict]:
+    """Every point of every dataset's grid: its name part, -S overrides, full params and phase.
+    ``extra``: overrides for every point (the command's --set), over the dataset's own."""
     layers = list(raw["pretrain"])
     points = []
     for dataset in datasets:
         axes, fixed = dataset_grid(dataset, chosen)
+        fixed.update(extra or {})
         for nu, epochs, pretrain_lr, finetune_lr in itertools.product(
                 [0.0, *nus], axes["pretrain_epochs"], axes["pretrain_lr"], axes["finetune_lr"]):
             overrides = {"data.dataset": dataset, **fixed, "finetune.lr": finetune_lr}
@@ -95,6 +98,19 @@ def grid_points(raw: dict, datasets: list[str], nus: list[float], chosen: dict[s
                 "phase": axes["finetune_lr"].index(finetune_lr),
             })
     return points
+
+
+def parse_set(pairs: list[str]) -> dict[str, object]:
+    """--set's KEY=VALUE pairs (values read as YAML); the grid's own keys are refused."""
+    extra = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"--set: expected KEY=VALUE, got {pair!r}")
+        if key in ("data.dataset", "finetune.lr") or (key.startswith("pretrain.") and key.rsplit(".", 1)[-1] in ("corruption", "epochs", "lr")):
+            raise ParamsError(f"--set: {key} is set by the grid (--datasets, --nu, --pretrain-epochs, --pretrain-lr, --finetune-lr)")
+        extra[key] = yaml.safe_load(value)
+    return extra
 
 
 def verdict(ours: tuple[float, float], paper: tuple[float, float]) -> str:
@@ -248,6 +264,8 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, nargs="+", help=f"pretraining epochs per layer, every dataset (default: {GRID['pretrain_epochs']}; rect {DATASET_GRID['rect']['pretrain_epochs']})")
     parser.add_argument("--pretrain-lr", type=float, nargs="+", help=f"pretraining rates, every dataset (default: {GRID['pretrain_lr']})")
     parser.add_argument("--finetune-lr", type=float, nargs="+", help=f"fine-tuning rates, every dataset; the first trains the layers the others share (default: {GRID['finetune_lr']})")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="a params.yaml value for every point, e.g. finetune.max_epochs=100 (not a grid axis: dataset, nu, epochs, rates)")
     parser.add_argument("--jobs", "-j", type=int, default=2, help="parallel queue workers (default: %(default)s)")
     parser.add_argument("--threads", type=int, help="torch threads per worker (default: cores / jobs)")
     parser.add_argument("--id", help="name of this reproduction: experiment names and the report's folder (default: table1-<date>-<time>)")
@@ -264,7 +282,7 @@ def main() -> None:
     load_params()  # params.yaml itself must be valid before anything is queued
     raw = yaml.safe_load(Path("params.yaml").read_text())
     table_id = args.id or time.strftime("table1-%Y%m%d-%H%M%S")
-    points = grid_points(raw, args.datasets, args.nu, chosen)
+    points = grid_points(raw, args.datasets, args.nu, chosen, parse_set(args.set))
     shared = [("prepare", {"data.dataset": dataset}) for dataset in args.datasets]
 
     print(f"Table 1 `{table_id}`: {len(points)} points; interrupted, run it again with --id {table_id}", flush=True)

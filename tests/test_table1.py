@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from sda.generators import BENCHMARKS
-from sweeps.table1 import DATASET_GRID, GRID, PAPER, grid_points, select, verdict
+from stages.params import ParamsError
+from sweeps.table1 import DATASET_GRID, GRID, PAPER, grid_points, parse_set, select, verdict
 from tests.conftest import ROOT, SESSION
 
 
@@ -38,6 +39,18 @@ def test_the_grid_crosses_nu_with_both_rates_and_the_epochs_and_rect_gets_its_ow
         assert {point["params"][f"pretrain.layer{i}.corruption"] for i in (1, 2, 3)} == {point["nu"]}
         assert point["params"]["finetune.lr"] == point["finetune_lr"]
         assert point["phase"] == GRID["finetune_lr"].index(point["finetune_lr"])
+
+
+def test_set_applies_to_every_point_and_refuses_the_grids_own_keys():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    axes = {"pretrain_epochs": [15], "pretrain_lr": None, "finetune_lr": [2.0]}
+    points = grid_points(raw, ["mnist-bg-rand", "rect"], [0.4], axes, parse_set(["finetune.max_epochs=100", "pretrain.layer2.units=500"]))
+    assert {(p["params"]["finetune.max_epochs"], p["params"]["pretrain.layer2.units"]) for p in points} == {(100, 500)}
+    for bad, message in [("pretrain.layer1.epochs=3", "set by the grid"), ("finetune.lr=1", "set by the grid"), ("max_epochs", "KEY=VALUE")]:
+        with pytest.raises(ParamsError, match=message):
+            parse_set([bad])
+    with pytest.raises(ParamsError, match="finetune.max_epochz: unknown key"):
+        grid_points(raw, ["rect"], [0.4], axes, parse_set(["finetune.max_epochz=1"]))
 
 
 def test_selection_uses_the_validation_error_only():
