@@ -25,20 +25,21 @@ def test_every_benchmark_has_the_papers_numbers():
     assert PAPER["rect"]["SdA-3"] == (1.99, 0.12) and PAPER["convex"]["SAA-3"] == (18.41, 0.34)
 
 
-def test_the_grid_crosses_nu_with_both_rates_and_the_epochs_and_rect_gets_its_own():
+def test_the_grid_crosses_nu_with_the_epochs_and_rates_and_a_dataset_may_extend_it():
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    points = grid_points(raw, ["mnist-basic", "rect"], [0.1, 0.25, 0.4], {"pretrain_epochs": None, "pretrain_lr": None, "finetune_lr": None})
+    points = grid_points(raw, ["mnist-rot", "mnist-basic", "rect"], [0.1, 0.25, 0.4],
+                         {"pretrain_epochs": None, "pretrain_lr": None, "finetune_lr": None})
+    by_dataset = {d: [p for p in points if p["dataset"] == d] for d in ("mnist-rot", "mnist-basic", "rect")}
     size = 4 * len(GRID["pretrain_epochs"]) * len(GRID["pretrain_lr"]) * len(GRID["finetune_lr"])
-    basic = [p for p in points if p["dataset"] == "mnist-basic"]
-    rect = [p for p in points if p["dataset"] == "rect"]
-    assert len(basic) == len(rect) == size and len({p["label"] for p in points}) == 2 * size
-    assert {p["nu"] for p in basic} == {0.0, 0.1, 0.25, 0.4}
-    assert {p["params"]["pretrain.layer3.epochs"] for p in rect} == set(DATASET_GRID["rect"]["pretrain_epochs"])
-    assert {p["params"]["finetune.max_epochs"] for p in rect} == {DATASET_GRID["rect"]["finetune.max_epochs"]}
-    for point in basic:  # every layer gets the point's nu, epochs and rate; the first fine-tuning rate runs first
+    assert len(by_dataset["mnist-rot"]) == len(by_dataset["rect"]) == size and len({p["label"] for p in points}) == len(points)
+    assert len(by_dataset["mnist-basic"]) == size // len(GRID["finetune_lr"]) * len(DATASET_GRID["mnist-basic"]["finetune_lr"])
+    assert {p["nu"] for p in by_dataset["mnist-rot"]} == {0.0, 0.1, 0.25, 0.4}
+    assert {p["params"]["pretrain.layer3.epochs"] for p in by_dataset["rect"]} == set(DATASET_GRID["rect"]["pretrain_epochs"])
+    assert {p["params"]["finetune.max_epochs"] for p in by_dataset["rect"]} == {DATASET_GRID["rect"]["finetune.max_epochs"]}
+    for point in by_dataset["mnist-basic"]:  # every layer gets the point's nu, epochs and rate; the first fine-tuning rate runs first
         assert {point["params"][f"pretrain.layer{i}.corruption"] for i in (1, 2, 3)} == {point["nu"]}
         assert point["params"]["finetune.lr"] == point["finetune_lr"]
-        assert point["phase"] == GRID["finetune_lr"].index(point["finetune_lr"])
+        assert point["phase"] == DATASET_GRID["mnist-basic"]["finetune_lr"].index(point["finetune_lr"])
 
 
 def test_set_applies_to_every_point_and_refuses_the_grids_own_keys():
