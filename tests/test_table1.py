@@ -16,7 +16,8 @@ import yaml
 
 from sda.generators import BENCHMARKS
 from stages.params import ParamsError
-from sweeps.table1 import DATASET_GRID, GRID, PAPER, grid_points, parse_set, select, verdict
+from sweeps.dvc_queue import SweepError
+from sweeps.table1 import DATASET_GRID, GRID, PAPER, check_disk, grid_points, parse_set, select, verdict
 from tests.conftest import ROOT, SESSION
 
 
@@ -52,6 +53,17 @@ def test_set_applies_to_every_point_and_refuses_the_grids_own_keys():
             parse_set([bad])
     with pytest.raises(ParamsError, match="finetune.max_epochz: unknown key"):
         grid_points(raw, ["rect"], [0.4], axes, parse_set(["finetune.max_epochz=1"]))
+
+
+def test_a_table_that_would_fill_the_disk_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a fresh, empty MLflow store: every configuration is still to train
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    points = grid_points(raw, ["mnist-basic"], [0.1, 0.25, 0.4], {"pretrain_epochs": None, "pretrain_lr": None, "finetune_lr": None})
+    configurations = 4 * len(GRID["pretrain_epochs"])  # the fine-tuning rates share them; 0.74 GB each
+    check_disk(points, spare_gb=0)
+    with pytest.raises(SweepError, match=rf"about 6 GB to DVC's cache \({configurations} pretraining configurations.*dvc gc"):
+        check_disk(points, spare_gb=1e6)
 
 
 def test_selection_uses_the_validation_error_only():
