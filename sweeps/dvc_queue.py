@@ -151,7 +151,23 @@ def stop_workers(repo: Path, since: float, kill_running: bool = False, grace: fl
             dvc("queue", "kill", *stale, echo=False)
     except SweepError as err:
         print(f"warning: {err}", flush=True)
+    clear_worker_mailboxes(repo)
     return ", ".join(killed)
+
+
+def clear_worker_mailboxes(repo: Path) -> None:
+    """Drop the control messages left for queue workers that no longer run.
+
+    `dvc queue stop` broadcasts a shutdown to every worker name the queue has known. DVC's
+    file-based broker keeps the message of a worker that had already exited, and the next worker
+    started under that name (the next sweep's second worker) reads it and exits at once: the
+    sweep then runs on one worker. With none of the repository's workers alive, no message there
+    is still for anyone.
+    """
+    if any("queue-worker" in " ".join(process.cmdline()) for process in repo_processes(repo)):
+        return
+    for message in (repo / ".dvc" / "tmp" / "exps" / "celery" / "broker" / "in").glob("*.celery.pidbox.msg"):
+        message.unlink(missing_ok=True)
 
 
 def run_queue(jobs: int, env: dict | None = None) -> None:
