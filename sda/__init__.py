@@ -3,8 +3,9 @@
 A plain library: it knows nothing of DVC or MLflow. The pipeline in ``stages/`` drives it.
 """
 
-from sda.dae import DenoisingAutoencoder, reconstruction_cross_entropy
-from sda.noise import MaskingNoise
+from sda.dae import DenoisingAutoencoder, Emphasis, reconstruction_cross_entropy
+from sda.noise import GaussianNoise, MaskingNoise, SaltPepperNoise
 from sda.stacked import StackedClassifier
 
-__all__ = ["DenoisingAutoencoder", "MaskingNoise", "StackedClassifier", "reconstruction_cross_entropy"]
+__all__ = ["DenoisingAutoencoder", "Emphasis", "GaussianNoise", "MaskingNoise", "SaltPepperNoise", "StackedClassifier",
+           "reconstruction_cross_entropy"]

@@ -1,6 +1,7 @@
 """The denoising autoencoder: sigmoid encoder and decoder with truly tied weights."""
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,72 @@ def reconstruction_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> 
     saturated units give finite losses and gradients.
     """
     return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / logits.shape[0]
+
+
+def reconstruction_squared_error(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L(x, z) = sum_k (z_k - x_k)^2 with z = sigmoid(logits): summed over components, averaged over the minibatch.
+
+    The JMLR paper's loss for real-valued inputs (there with an affine decoder). The decoder here
+    stays a sigmoid, so z is in [0, 1]: for inputs in [0, 1] only, like every dataset of this project.
+    """
+    return (torch.sigmoid(logits) - target).square().sum() / logits.shape[0]
+
+
+RECONSTRUCTION_LOSSES = ("cross_entropy", "squared_error")
+
+
+def reconstruction_loss_from_logits(
+    logits: torch.Tensor, target: torch.Tensor, kind: str = "cross_entropy", weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The reconstruction loss ``kind`` of z = s(logits) against ``target``, each component weighted by ``weights``.
+
+    Summed over components, averaged over the minibatch. ``weights`` (target's shape; from
+    ``Emphasis.weights``) None is the plain loss, computed exactly as before weights existed.
+    """
+    if kind not in RECONSTRUCTION_LOSSES:
+        raise ValueError(f"loss must be one of {RECONSTRUCTION_LOSSES}, got {kind!r}")
+    if weights is None:
+        plain = reconstruction_cross_entropy if kind == "cross_entropy" else reconstruction_squared_error
+        return plain(logits, target)
+    if kind == "cross_entropy":
+        per_component = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    else:
+        per_component = (torch.sigmoid(logits) - target).square()
+    return (weights * per_component).sum() / logits.shape[0]
+
+
+@dataclass(frozen=True)
+class Emphasis:
+    """The JMLR paper's emphasised loss: corrupted components weigh ``alpha``, the others ``beta``.
+
+    (1, 1) is the plain loss. (1, 0) learns only to fill in what the noise destroyed; the paper
+    tried (1, 0.5) and (1, 0). Which components were corrupted is the set the noise chose
+    (``corrupt_with_mask`` of sda/noise.py).
+    """
+
+    alpha: float = 1.0
+    beta: float = 1.0
+
+    def __post_init__(self):
+        if not (0.0 <= self.alpha < math.inf and 0.0 <= self.beta < math.inf) or self.alpha == self.beta == 0.0:
+            raise ValueError(f"emphasis weights must be finite, >= 0 and not both 0, got alpha={self.alpha}, beta={self.beta}")
+
+    @property
+    def is_plain(self) -> bool:
+        return self.alpha == 1.0 and self.beta == 1.0
+
+    def __str__(self) -> str:
+        return f"emphasis alpha={self.alpha:g} beta={self.beta:g}"
+
+    def weights(self, corrupted_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """alpha where ``corrupted_mask`` is True, beta elsewhere; None for the plain loss (no weights to apply)."""
+        if self.is_plain:
+            return None
+        alpha, beta = (torch.tensor(w, dtype=dtype, device=corrupted_mask.device) for w in (self.alpha, self.beta))
+        return torch.where(corrupted_mask, alpha, beta)
+
+
+PLAIN = Emphasis()
 
 
 @torch.no_grad()
@@ -63,13 +130,21 @@ class DenoisingAutoencoder(nn.Module):
         """Reconstruction z in [0, 1] of ``x``."""
         return torch.sigmoid(self.decode_logits(self.encode(x)))
 
-    def loss(self, corrupted: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the reconstruction of ``corrupted`` against ``clean``."""
-        return reconstruction_cross_entropy(self.decode_logits(self.encode(corrupted)), clean)
+    def loss(
+        self, corrupted: torch.Tensor, clean: torch.Tensor, weights: torch.Tensor | None = None, kind: str = "cross_entropy"
+    ) -> torch.Tensor:
+        """The reconstruction loss ``kind`` of ``corrupted`` against ``clean``, components weighted by ``weights``.
+
+        Defaults: the plain cross-entropy. ``reconstruction_loss_from_logits`` has the formulas.
+        """
+        return reconstruction_loss_from_logits(self.decode_logits(self.encode(corrupted)), clean, kind, weights)
 
     @torch.no_grad()
     def sgd_step(self, corrupted: torch.Tensor, clean: torch.Tensor, lr: float) -> torch.Tensor:
         """One plain SGD step on ``loss(corrupted, clean)``; returns that loss, taken before the step.
+
+        The plain cross-entropy only: no weights, no squared error (sda/pretrain.py refuses those
+        settings for the fused engine; the autograd engine runs them through ``loss``).
 
         The same update as autograd plus ``torch.optim.SGD`` (tests/test_dae.py checks it), with the
         gradient written out: at batch size 32 autograd's bookkeeping and the optimizer's separate

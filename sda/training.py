@@ -4,10 +4,11 @@ Two engines run a training step. ``autograd`` differentiates the models' own def
 (``DenoisingAutoencoder.loss``; ``StackedClassifier.forward`` with ``negative_log_likelihood``) and
 applies ``torch.optim.SGD``: change the model, the loss or the optimizer and it trains what you
 wrote. ``fused`` is the same step with the gradients written out by hand (the models'
-``sgd_step``), C kernels on the CPU and CUDA graphs on a GPU; it implements every configuration
-the params allow today, and tests/test_engines.py checks it against ``autograd`` epoch for epoch.
-A configuration added later that ``fused`` does not implement is to be refused before training,
-naming its params key. Each loop builds its step with ``pretrain_step`` / ``finetune_step``.
+``sgd_step``), C kernels on the CPU and CUDA graphs on a GPU; tests/test_engines.py checks it
+against ``autograd`` epoch for epoch. It implements masking noise with the plain cross-entropy
+only: a layer with another noise, the squared error or an emphasised loss needs ``autograd``, and
+stages/params.py refuses it for ``fused`` before training, naming its params key (``pretrain_layer``
+refuses it too). Each loop builds its step with ``pretrain_step`` / ``finetune_step``.
 
 Kept apart from sda/pretrain.py so that fine-tuning (and its DVC stage) does not depend on the
 pretraining loop: a new corruption process re-runs the pretraining stages, not fine-tuning, when

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import yaml
 
+from sda.dae import RECONSTRUCTION_LOSSES
 from sda.data import DATASETS
-from sda.noise import MASKING_MODES
+from sda.noise import MASKING_MODES, NOISE_KINDS
 from sda.training import ENGINES
 
 PREPARED_DIR = "data/prepared"
@@ -34,11 +35,15 @@ class LayerParams:
     name: str  # layer1, layer2, ...
     input: str  # directory of the clean codes this layer is trained on
     units: int
-    corruption: float  # nu: fraction of input components masked to 0
-    masking: str  # fixed | bernoulli
+    corruption: float | None  # nu: fraction of input components corrupted (masking, salt_pepper); None for gaussian
+    masking: str | None  # fixed | bernoulli, for masking noise; None for the others
     epochs: int
     lr: float
     batch_size: int
+    noise: str = "masking"  # masking | gaussian | salt_pepper (sda/noise.py)
+    sigma: float | None = None  # std of gaussian noise; None for the others
+    emphasis: tuple[float, float] = (1.0, 1.0)  # (alpha, beta): loss weight of corrupted / other components
+    loss: str = "cross_entropy"  # cross_entropy | squared_error, against the clean input
 
 
 @dataclass(frozen=True)
@@ -68,15 +73,21 @@ class Params:
         raise ParamsError(f"pretrain.{name}: no such layer; params.yaml defines {', '.join(l.name for l in self.layers)}")
 
 
-def _section(value, key: str, allowed: set[str], optional: set[str] = frozenset()) -> dict:
+def _mapping(value, key: str, keys: set[str]) -> dict:
     if not isinstance(value, dict):
-        raise ParamsError(f"{key}: must be a mapping with keys {sorted(allowed)}, got {type(value).__name__}")
+        raise ParamsError(f"{key}: must be a mapping with keys {sorted(keys)}, got {type(value).__name__}")
+    return value
+
+
+def _section(value, key: str, allowed: set[str], optional: set[str] = frozenset()) -> dict:
+    """``value`` checked to be a mapping with every key of ``allowed``, and no key outside ``allowed`` and ``optional``."""
+    value = _mapping(value, key, allowed)
     missing = sorted(allowed - value.keys())
     if missing:
         raise ParamsError(f"{key}.{missing[0]}: missing (required keys: {', '.join(sorted(allowed))})")
     unknown = sorted(set(value) - allowed - optional)
     if unknown:
-        raise ParamsError(f"{key}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
+        raise ParamsError(f"{key}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed | optional))})")
     return value
 
 
@@ -108,26 +119,89 @@ def _choice(value, key: str, choices: tuple[str, ...]) -> str:
 
 
 INF = float("inf")
-LAYER_KEYS = {"input", "units", "corruption", "masking", "epochs", "lr", "batch_size"}
+LAYER_KEYS = {"input", "units", "epochs", "lr", "batch_size"}  # every layer's, whatever its noise
+# The keys that set each noise's process and level, required for that noise. A key of another
+# noise only is refused: a value that changes nothing would still re-run the stage, and show in
+# MLflow as if it had mattered.
+NOISE_KEYS = {
+    "masking": {"corruption", "masking"},
+    "salt_pepper": {"corruption"},
+    "gaussian": {"sigma"},
+}
+OPTIONAL_LAYER_KEYS = {"noise", "emphasis", "loss"}
+PLAIN_EMPHASIS = (1.0, 1.0)
 FINETUNE_KEYS = {"lr", "momentum", "lr_decay", "batch_size", "max_epochs", "patience", "patience_increase", "improvement_threshold"}
+
+
+def _noise_kind(raw: dict, key: str) -> str:
+    """The layer's ``noise`` (absent: masking, as in every params file written before the others), after
+    refusing the keys that only another noise uses."""
+    kind = _choice(raw.get("noise", "masking"), f"{key}.noise", NOISE_KINDS)
+    # salt_pepper chooses its components as fixed masking does, so `masking: fixed` may stay: then
+    # `-S pretrain.layer1.noise=salt_pepper` on the default params needs nothing else.
+    if kind == "salt_pepper" and raw.get("masking", "fixed") != "fixed":
+        raise ParamsError(f"{key}.masking: salt_pepper noise corrupts exactly round(nu*d) components per example, as "
+                          f"masking: fixed does; remove masking or set it to fixed, got {raw['masking']!r}")
+    for other in ("corruption", "masking", "sigma"):
+        if other in raw and other not in NOISE_KEYS[kind] and not (kind == "salt_pepper" and other == "masking"):
+            users = " and ".join(k for k, keys in NOISE_KEYS.items() if other in keys)
+            raise ParamsError(f"{key}.{other}: used by {users} noise only, and this layer's noise is {kind}; "
+                              f"remove it or change {key}.noise")
+    return kind
+
+
+def _emphasis(raw, key: str, kind: str) -> tuple[float, float]:
+    if raw is None:
+        return PLAIN_EMPHASIS
+    raw = _section(raw, key, {"alpha", "beta"})
+    alpha = _number(raw["alpha"], f"{key}.alpha", 0.0, INF, False, True)
+    beta = _number(raw["beta"], f"{key}.beta", 0.0, INF, False, True)
+    if alpha == beta == 0.0:
+        raise ParamsError(f"{key}: alpha and beta cannot both be 0 (the loss would be 0, nothing learned)")
+    if kind == "gaussian" and (alpha, beta) != PLAIN_EMPHASIS:
+        raise ParamsError(f"{key}: gaussian noise corrupts every component, so there is nothing for beta to weigh "
+                          f"apart; remove emphasis or use masking or salt_pepper noise, got alpha={alpha:g}, beta={beta:g}")
+    return alpha, beta
 
 
 def _layer(name: str, index: int, raw) -> LayerParams:
     key = f"pretrain.{name}"
-    raw = _section(raw, key, LAYER_KEYS)
+    kind = _noise_kind(_mapping(raw, key, LAYER_KEYS | NOISE_KEYS["masking"]), key)
+    optional = OPTIONAL_LAYER_KEYS | ({"masking"} if kind == "salt_pepper" else set())
+    raw = _section(raw, key, LAYER_KEYS | NOISE_KEYS[kind], optional)
     expected_input = PREPARED_DIR if index == 1 else codes_dir(f"layer{index - 1}")
     if raw["input"] != expected_input:
         raise ParamsError(f"{key}.input: must be {expected_input!r} (the previous layer's clean codes), got {raw['input']!r}")
+    uses_nu = "corruption" in NOISE_KEYS[kind]
     return LayerParams(
         name=name,
         input=raw["input"],
         units=_int(raw["units"], f"{key}.units", 1),
-        corruption=_number(raw["corruption"], f"{key}.corruption", 0.0, 1.0, False, True),
-        masking=_choice(raw["masking"], f"{key}.masking", MASKING_MODES),
+        corruption=_number(raw["corruption"], f"{key}.corruption", 0.0, 1.0, False, True) if uses_nu else None,
+        masking=_choice(raw["masking"], f"{key}.masking", MASKING_MODES) if kind == "masking" else None,
         epochs=_int(raw["epochs"], f"{key}.epochs", 0),
         lr=_number(raw["lr"], f"{key}.lr", 0.0, INF, True, True),
         batch_size=_int(raw["batch_size"], f"{key}.batch_size", 1),
+        noise=kind,
+        sigma=_number(raw["sigma"], f"{key}.sigma", 0.0, INF, False, True) if kind == "gaussian" else None,
+        emphasis=_emphasis(raw.get("emphasis"), f"{key}.emphasis", kind),
+        loss=_choice(raw.get("loss", "cross_entropy"), f"{key}.loss", RECONSTRUCTION_LOSSES),
     )
+
+
+FUSED_ENGINE_RUNS = "the fused engine runs masking noise with the plain loss only"
+
+
+def _check_the_fused_engine_runs(layer: LayerParams) -> None:
+    """Refuse, naming the key, what the fused engine's hand-written step does not implement (sda/pretrain.py)."""
+    key = f"pretrain.{layer.name}"
+    if layer.noise != "masking":
+        raise ParamsError(f"{key}.noise: {layer.noise} needs engine: autograd ({FUSED_ENGINE_RUNS})")
+    if layer.loss != "cross_entropy":
+        raise ParamsError(f"{key}.loss: {layer.loss} needs engine: autograd ({FUSED_ENGINE_RUNS})")
+    if layer.emphasis != PLAIN_EMPHASIS:
+        alpha, beta = layer.emphasis
+        raise ParamsError(f"{key}.emphasis: alpha={alpha:g}, beta={beta:g} needs engine: autograd ({FUSED_ENGINE_RUNS})")
 
 
 def parse_params(raw) -> Params:
@@ -143,11 +217,15 @@ def parse_params(raw) -> Params:
             raise ParamsError(f"pretrain.{name}: layers must be named layer1, layer2, ... in order; expected layer{index} here")
         layers.append(_layer(name, index, pretrain[name]))
     ft = _section(raw["finetune"], "finetune", FINETUNE_KEYS)
+    engine = _choice(raw.get("engine", "fused"), "engine", ENGINES)
+    if engine == "fused":
+        for layer in layers:
+            _check_the_fused_engine_runs(layer)
     return Params(
         seed=_int(raw["seed"], "seed", 0),
         dataset=_choice(data["dataset"], "data.dataset", DATASETS),
         layers=tuple(layers),
-        engine=_choice(raw.get("engine", "fused"), "engine", ENGINES),
+        engine=engine,
         finetune=FinetuneParams(
             lr=_number(ft["lr"], "finetune.lr", 0.0, INF, True, True),
             momentum=_number(ft["momentum"], "finetune.momentum", 0.0, 1.0, False, True),

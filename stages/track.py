@@ -112,9 +112,19 @@ def computed_by_tags(records: dict[str, dict[str, str]]) -> dict[str, str]:
     return tags
 
 
+def noise_level(layer) -> str:
+    """A layer's noise in the run name: nu for masking noise (``0.1``), else the kind and its level (``s&p 0.25``, ``sigma 0.3``)."""
+    if layer.noise == "gaussian":
+        return f"sigma {layer.sigma:g}"
+    return f"s&p {layer.corruption:g}" if layer.noise == "salt_pepper" else f"{layer.corruption:g}"
+
+
 def run_name(params, experiment: str) -> str:
-    """What the run is: ``mnist nu 0.1/0.2/0.3 seed 1234`` (and the DVC experiment's name, if any)."""
-    name = f"{params.dataset} nu {'/'.join(f'{l.corruption:g}' for l in params.layers)} seed {params.seed}"
+    """What the run is: ``mnist nu 0.1/0.2/0.3 seed 1234`` (and the DVC experiment's name, if any).
+
+    A layer with another noise shows it in its place: ``mnist nu s&p 0.25/sigma 0.3/0.3 seed 1234``.
+    """
+    name = f"{params.dataset} nu {'/'.join(noise_level(l) for l in params.layers)} seed {params.seed}"
     if params.engine != "fused":
         name += f" {params.engine}"
     return f"{name} ({experiment})" if experiment else name

@@ -1,7 +1,8 @@
 """The fused engine trains what the autograd engine trains, and masks do not depend on the C kernels.
 
 ``autograd`` is the readable definition (the models' loss, autograd, torch.optim.SGD); ``fused`` is
-checked against it over whole epochs, for every configuration the params allow: fixed and
+checked against it over whole epochs, for every configuration the params allow it to run (masking
+noise with the plain cross-entropy; other noises, losses and emphasis need ``autograd``): fixed and
 bernoulli masking, dense and mostly-zero inputs (the sparse first-layer path), fine-tuning with and
 without momentum and with a decaying rate. Float32 rounding differs between the two, so parameters
 are compared within a tolerance that two hundred steps of rounding stay far inside, and that a

@@ -53,6 +53,18 @@ BAD = [
     ("finetune.improvement_threshold", 1.5, "finetune.improvement_threshold"),
     ("pretrain", {}, "pretrain"),
     ("engine", "jax", "engine"),
+    # The noise family's keys (each absent in the default params): bad values, and what the
+    # default fused engine does not run.
+    ("pretrain.layer2.noise", "foo", "pretrain.layer2.noise"),
+    ("pretrain.layer1.sigma", 0.3, "pretrain.layer1.sigma"),
+    ("pretrain.layer1.loss", "hinge", "pretrain.layer1.loss"),
+    ("pretrain.layer1.emphasis", 0.5, "pretrain.layer1.emphasis"),
+    ("pretrain.layer1.emphasis", {"alpha": -1, "beta": 1}, "pretrain.layer1.emphasis.alpha"),
+    ("pretrain.layer3.emphasis", {"alpha": 1}, "pretrain.layer3.emphasis.beta"),
+    ("pretrain.layer1.emphasis", {"alpha": 0, "beta": 0.0}, "pretrain.layer1.emphasis"),
+    ("pretrain.layer1.noise", "salt_pepper", "pretrain.layer1.noise"),
+    ("pretrain.layer3.loss", "squared_error", "pretrain.layer3.loss"),
+    ("pretrain.layer2.emphasis", {"alpha": 1, "beta": 0.5}, "pretrain.layer2.emphasis"),
 ]
 
 
@@ -61,6 +73,84 @@ def test_bad_value_is_refused_naming_the_key(path, value, key):
     with pytest.raises(ParamsError) as err:
         parse_params(with_change(path, value))
     assert str(err.value).startswith(key + ":"), str(err.value)
+
+
+def with_layer(name: str, engine: str = "autograd", drop: tuple[str, ...] = (), **changes) -> dict:
+    """The default params with layer ``name`` changed (``changes``, keys in ``drop`` removed), on ``engine``."""
+    params = copy.deepcopy(DEFAULT)
+    params["engine"] = engine
+    layer = params["pretrain"][name]
+    for key in drop:
+        del layer[key]
+    layer.update(changes)
+    return params
+
+
+GAUSSIAN = {"drop": ("corruption", "masking"), "noise": "gaussian", "sigma": 0.3}
+
+BAD_ON_AUTOGRAD = [  # (layer, changes, the key the error must name)
+    ("layer1", dict(noise="gaussian", sigma=0.3), "pretrain.layer1.corruption"),  # gaussian has no nu
+    ("layer2", dict(drop=("corruption",), noise="gaussian", sigma=0.3), "pretrain.layer2.masking"),
+    ("layer1", dict(GAUSSIAN, sigma=-0.1), "pretrain.layer1.sigma"),
+    ("layer1", dict(GAUSSIAN, sigma="0.3"), "pretrain.layer1.sigma"),
+    ("layer1", dict(GAUSSIAN, sigma=float("inf")), "pretrain.layer1.sigma"),
+    ("layer3", {k: v for k, v in GAUSSIAN.items() if k != "sigma"}, "pretrain.layer3.sigma"),  # missing
+    ("layer1", dict(GAUSSIAN, emphasis={"alpha": 1, "beta": 0.5}), "pretrain.layer1.emphasis"),  # nothing uncorrupted
+    ("layer1", dict(noise="salt_pepper", masking="bernoulli"), "pretrain.layer1.masking"),
+    ("layer1", dict(noise="salt_pepper", sigma=0.3), "pretrain.layer1.sigma"),
+    ("layer2", dict(noise="salt_pepper", corruption=1.0), "pretrain.layer2.corruption"),
+    ("layer2", dict(noise="salt_pepper", drop=("corruption",)), "pretrain.layer2.corruption"),
+    ("layer1", dict(emphasis={"alpha": float("nan"), "beta": 1}), "pretrain.layer1.emphasis.alpha"),
+    ("layer1", dict(emphasis={"alpha": 1, "beta": True}), "pretrain.layer1.emphasis.beta"),
+    ("layer1", dict(emphasis={"alpha": 1, "beta": 1, "gamma": 1}), "pretrain.layer1.emphasis.gamma"),
+    ("layer1", dict(loss="squared"), "pretrain.layer1.loss"),
+]
+
+
+@pytest.mark.parametrize("layer, changes, key", BAD_ON_AUTOGRAD, ids=[f"{l}:{c}" for l, c, _ in BAD_ON_AUTOGRAD])
+def test_bad_noise_settings_are_refused_naming_the_key(layer, changes, key):
+    with pytest.raises(ParamsError) as err:
+        parse_params(with_layer(layer, **changes))
+    assert str(err.value).startswith(key + ":"), str(err.value)
+
+
+def test_absent_noise_keys_mean_masking_with_the_plain_cross_entropy():
+    for layer, (name, nu) in zip(parse_params(DEFAULT).layers, [("layer1", 0.1), ("layer2", 0.2), ("layer3", 0.3)]):
+        assert (layer.name, layer.noise, layer.corruption, layer.masking, layer.sigma, layer.emphasis, layer.loss) == (
+            name, "masking", nu, "fixed", None, (1.0, 1.0), "cross_entropy")
+
+
+def test_the_defaults_written_out_are_the_defaults_and_run_on_the_fused_engine():
+    explicit = with_layer("layer2", engine="fused", noise="masking", emphasis={"alpha": 1, "beta": 1}, loss="cross_entropy")
+    assert parse_params(explicit) == parse_params(DEFAULT)
+
+
+def test_every_noise_loss_and_emphasis_parses_on_the_autograd_engine():
+    salt_pepper = parse_params(with_layer("layer1", noise="salt_pepper", corruption=0.25, emphasis={"alpha": 1, "beta": 0.5})).layers[0]
+    assert (salt_pepper.noise, salt_pepper.corruption, salt_pepper.masking, salt_pepper.emphasis) == ("salt_pepper", 0.25, None, (1.0, 0.5))
+    without_masking = parse_params(with_layer("layer1", drop=("masking",), noise="salt_pepper", corruption=0.25)).layers[0]
+    assert without_masking.noise == "salt_pepper"  # `masking: fixed` may stay, or go
+    gaussian = parse_params(with_layer("layer3", **GAUSSIAN, loss="squared_error", emphasis={"alpha": 1, "beta": 1})).layers[2]
+    assert (gaussian.noise, gaussian.sigma, gaussian.corruption, gaussian.masking, gaussian.loss) == ("gaussian", 0.3, None, None, "squared_error")
+    masking = parse_params(with_layer("layer2", emphasis={"alpha": 1, "beta": 0}, loss="squared_error")).layers[1]
+    assert (masking.noise, masking.emphasis, masking.loss) == ("masking", (1.0, 0.0), "squared_error")
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(noise="salt_pepper"), "pretrain.layer2.noise: salt_pepper needs engine: autograd"),
+    (GAUSSIAN, "pretrain.layer2.noise: gaussian needs engine: autograd"),
+    (dict(loss="squared_error"), "pretrain.layer2.loss: squared_error needs engine: autograd"),
+    (dict(emphasis={"alpha": 1, "beta": 0}), "pretrain.layer2.emphasis: alpha=1, beta=0 needs engine: autograd"),
+], ids=["salt_pepper", "gaussian", "squared_error", "emphasis"])
+def test_the_fused_engine_refuses_what_it_does_not_run_naming_the_key_and_the_fix(changes, message):
+    with pytest.raises(ParamsError) as err:
+        parse_params(with_layer("layer2", engine="fused", **changes))
+    assert str(err.value) == message + " (the fused engine runs masking noise with the plain loss only)"
+    parse_params(with_layer("layer2", engine="autograd", **changes))  # the fix works
+    params_without_engine = with_layer("layer2", **changes)
+    del params_without_engine["engine"]  # absent means fused
+    with pytest.raises(ParamsError, match="needs engine: autograd"):
+        parse_params(params_without_engine)
 
 
 def test_a_params_file_without_engine_means_fused():
