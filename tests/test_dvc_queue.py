@@ -157,38 +157,3 @@ def test_an_interrupted_sweep_stops_its_workers_and_the_experiments_they_run(tmp
         assert repo_processes(repo.path, dvc_only=False) == []
     finally:
         repo.stop_leftovers()
-
-
-def experiments_running(repo) -> int:
-    """The stages of ``repo``'s experiments running now (their `sh -c` wrappers not counted)."""
-    count = 0
-    for process in repo_processes(repo.path):
-        try:
-            count += "time.sleep" in " ".join(process.cmdline()) and "time.sleep" not in " ".join(process.parent().cmdline())
-        except psutil.Error:
-            pass
-    return count
-
-
-def test_the_next_queue_run_after_a_stop_still_runs_two_experiments_at_once(tmp_path):
-    """`dvc queue stop` broadcasts a shutdown to every worker name the queue has known; a run on
-    one worker leaves the second name's message unread, and the next run's second worker must not
-    read it and exit, leaving that sweep one worker."""
-    repo = QueueRepo(tmp_path / "repo", SLOW_DVC_YAML)
-    try:
-        most_at_once = []
-        for jobs, values in ((2, [1, 2]), (1, [3]), (2, [6, 7])):
-            repo.queue(values)
-            sweep = subprocess.Popen([sys.executable, "-c", f"from sweeps.dvc_queue import run_queue; run_queue(jobs={jobs})"],
-                                     cwd=repo.path, env={**repo.env, "PYTHONPATH": str(ROOT)},
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            most = 0
-            while sweep.poll() is None:
-                most = max(most, experiments_running(repo))
-                time.sleep(0.1)
-            assert sweep.wait(timeout=DEADLINE) == 0
-            most_at_once.append(most)
-        assert most_at_once == [2, 1, 2], most_at_once
-        assert repo.succeeded() == 5
-    finally:
-        repo.stop_leftovers()
