@@ -5,20 +5,23 @@
 
 Per dataset, the grid: nu in {0, 0.1, 0.25, 0.4} (the same in every layer; 0 is SAA-3) crossed
 with pretraining epochs per layer, pretraining rate and fine-tuning rate (GRID; DATASET_GRID for
-rect, with 1,000 training examples, and for mnist-basic, where SAA-3 diverges at 2.0). Everything else is params.yaml. SAA-3 is the
-best point at nu = 0 and SdA-3 the best at nu > 0, both by validation error; the test split is
-only reported. Each point is a DVC experiment run by parallel queue workers and one MLflow run; the
-points that differ only in fine-tuning rate share their pretrained layers: the first fine-tuning
-rate's points run first and train them, the others restore them from DVC's run-cache.
+rect, with 1,000 training examples, and mnist-basic, where SAA-3 diverges at 2.0). Everything
+else is params.yaml, or --set. SAA-3 is the best point at nu = 0 and SdA-3 the best at nu > 0,
+both by validation error; the test split is only reported. Each point is a DVC experiment run by
+parallel queue workers and one MLflow run; the points that differ only in fine-tuning rate share
+their pretrained layers: the first fine-tuning rate's points run first and train them, the others
+restore them from DVC's run-cache.
 
-A point that fails (fine-tuning that diverges, for instance: SAA-3 at fine-tuning rate 2.0) is
-listed in the report with its error line and left out of the selection; the other points go on.
-Interrupted? Run the same command again: points with a finished MLflow run of the same params are
-not run again, stages DVC finished are restored from its run-cache, and failed points are retried.
+A point that fails (a fine-tuning that diverges, for instance) is listed in the report with its
+error line and left out of the selection; the other points go on. Interrupted? Run the same
+command again: points with a finished MLflow run of the same params are not run again, stages DVC
+finished are restored from its run-cache, and failed points are retried. Before anything runs,
+the command checks that the disk can hold what DVC's cache will gain.
 
-Writes reports/table1/<id>/: table1.md (ours beside the paper's, inside / better / worse than
-the paper's 95% CI; the selected hyperparameters; the cost: points run and restored, minutes per
-point by dataset, wall time), table1.json, test_error_vs_nu.png; all under one MLflow parent run.
+Writes reports/table1/<id>/: table1.md (ours beside the paper's, inside / better / worse than the
+paper's 95% CI; the grid; the selected points; the failed points; the error by pretraining
+budget; the cost: points run, restored and failed, minutes per point by dataset, wall time),
+table1.json, test_error_vs_nu.png; all under one MLflow parent run.
 """
 
 import argparse
