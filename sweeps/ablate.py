@@ -30,7 +30,7 @@ from sda.device import usable_cores
 from stages.common import run
 from stages.params import ParamsError, load_params, parse_params
 from stages.track import download_artifact, find_point_run, finished_runs, flatten, log_sweep, open_store
-from sweeps.dvc_queue import SweepError, dvc, queue_entries, run_queue
+from sweeps.dvc_queue import SweepError, dvc, queue_entries, remove_queue_entries, run_queue
 from sweeps.report import FILTER_LEVELS, filter_figure, plot_error_against_nu, write_table
 
 DEFAULT_NU = (0.0, 0.1, 0.25, 0.4, 0.5)
@@ -50,11 +50,8 @@ def check_committed() -> None:
 def check_queue_empty(sweep_id: str) -> None:
     """The queue must hold nothing waiting or running, but for this sweep's own leftovers of an
     interrupted run, which are removed."""
-    waiting = {name: status for name, status in queue_entries().items() if status in ("Queued", "Running")}
-    own = sorted(name for name, status in waiting.items() if name.startswith(f"{sweep_id}-") and status == "Queued")
-    if own:
-        dvc("queue", "remove", *own, echo=False)
-    if set(waiting) - set(own):
+    remove_queue_entries(lambda name, status: name.startswith(f"{sweep_id}-") and status == "Queued")
+    if any(status in ("Queued", "Running") for status in queue_entries().values()):
         raise SweepError("the DVC queue already holds experiments (see `dvc queue status`); run them or "
                          "`dvc queue remove --queued` first, so this sweep runs only its own points")
 
@@ -178,9 +175,7 @@ def run_batch(batch: list[str], points: dict[str, dict], jobs: int, threads: int
 
     Whatever stops it (Ctrl-C, a failure of dvc itself), none of them stays queued."""
     # Entries of an interrupted earlier run under the same names (failed or never run) go first.
-    stale = sorted(set(batch) & set(queue_entries()))
-    if stale:
-        dvc("queue", "remove", *stale, echo=False)
+    remove_queue_entries(lambda name, status: name in batch)
     remove_experiments(batch)
     try:
         for name in batch:
@@ -190,9 +185,7 @@ def run_batch(batch: list[str], points: dict[str, dict], jobs: int, threads: int
         # The queue was empty before, so the workers it stops are this sweep's own.
         run_queue(jobs, env)
     except BaseException:
-        queued = sorted(name for name, status in queue_entries().items() if status == "Queued" and name in batch)
-        if queued:
-            dvc("queue", "remove", *queued, echo=False)
+        remove_queue_entries(lambda name, status: name in batch and status == "Queued")
         raise
     # Only this batch's entries: the queue remembers earlier sweeps' failures too.
     statuses = queue_entries()

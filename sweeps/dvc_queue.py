@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
@@ -55,6 +56,14 @@ def queue_entries() -> dict[str, str]:
     return entries
 
 
+def remove_queue_entries(which: Callable[[str, str], bool]) -> list[str]:
+    """Remove the queue's entries for which ``which(name, status)`` holds; return their names."""
+    chosen = sorted(name for name, status in queue_entries().items() if which(name, status))
+    if chosen:
+        dvc("queue", "remove", *chosen, echo=False)
+    return chosen
+
+
 def is_dvc(process: psutil.Process) -> bool:
     """True for a dvc command line: the `dvc` entry point or ``python .../dvc/__main__.py`` (dvc's daemons)."""
     return any(Path(arg).name == "dvc" or arg.endswith(f"dvc{os.sep}__main__.py") for arg in process.cmdline()[:2])
@@ -65,9 +74,12 @@ def repo_processes(repo: Path, since: float = 0.0, dvc_only: bool = True) -> lis
     or later, this process and its ancestors excepted.
 
     With ``dvc_only``, the dvc processes among them (queue workers and their helpers, `dvc exp
-    exec-run`) and everything those started (the stages of an experiment).
+    exec-run`) and everything those started (the stages of an experiment), and whatever runs in an
+    experiment's temporary copy (.dvc/tmp/exps/): a stage just started by a dvc process killed a
+    moment later is nobody's child any more, but still works there.
     """
     repo = repo.resolve()
+    experiments = repo / ".dvc" / "tmp" / "exps"
     own = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
     found: dict[int, psutil.Process] = {}
     for process in psutil.process_iter():
@@ -77,7 +89,7 @@ def repo_processes(repo: Path, since: float = 0.0, dvc_only: bool = True) -> lis
             cwd = Path(process.cwd())
             if cwd != repo and repo not in cwd.parents:
                 continue
-            if not dvc_only:
+            if not dvc_only or experiments in cwd.parents:
                 found[process.pid] = process
             elif is_dvc(process):
                 found[process.pid] = process
@@ -164,8 +176,12 @@ def clear_worker_mailboxes(repo: Path) -> None:
     sweep then runs on one worker. With none of the repository's workers alive, no message there
     is still for anyone.
     """
-    if any("queue-worker" in " ".join(process.cmdline()) for process in repo_processes(repo)):
-        return
+    for process in repo_processes(repo):
+        try:
+            if "queue-worker" in " ".join(process.cmdline()):
+                return
+        except psutil.Error:  # exited since the listing: not a worker any more
+            continue
     for message in (repo / ".dvc" / "tmp" / "exps" / "celery" / "broker" / "in").glob("*.celery.pidbox.msg"):
         message.unlink(missing_ok=True)
 
