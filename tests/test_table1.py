@@ -60,9 +60,10 @@ def test_a_table_that_would_fill_the_disk_is_refused_before_anything_runs(tmp_pa
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     points = grid_points(raw, ["mnist-basic"], [0.1, 0.25, 0.4], {"pretrain_epochs": None, "pretrain_lr": None, "finetune_lr": None})
-    configurations = 4 * len(GRID["pretrain_epochs"])  # the fine-tuning rates share them; 0.74 GB each
+    configurations = 4 * len(GRID["pretrain_epochs"])  # the fine-tuning rates share them
+    gigabytes = configurations * 62_000 * 3_000 * 4 / 1e9  # 62,000 examples' codes of 3 x 1000 units in float32
     check_disk(points, spare_gb=0)
-    with pytest.raises(SweepError, match=rf"about 6 GB to DVC's cache \({configurations} pretraining configurations.*dvc gc"):
+    with pytest.raises(SweepError, match=rf"about {gigabytes:.0f} GB to DVC's cache \({configurations} pretraining configurations.*dvc gc"):
         check_disk(points, spare_gb=1e6)
 
 
