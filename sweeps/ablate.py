@@ -17,16 +17,19 @@ Queued experiments see only what git tracks: commit your changes first (this com
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
 from sda.data import DATASETS
 from sda.device import usable_cores
+from sda.generators import SPLIT_SIZES
 from stages.common import run
 from stages.params import ParamsError, load_params, parse_params
 from stages.track import download_artifact, find_point_run, finished_runs, flatten, log_sweep, open_store
@@ -57,14 +60,20 @@ def check_queue_empty(sweep_id: str) -> None:
 
 
 def apply_overrides(params_raw: dict, overrides: dict[str, object]) -> dict:
-    """A copy of the params tree with dotted-key overrides applied, checked against the contract."""
+    """A copy of the params tree with dotted-key overrides applied, checked against the contract.
+
+    Keys follow DVC's `-S` (Hydra) grammar: ``key`` changes a value params.yaml has, ``++key`` also
+    adds one it lacks, ``~key`` (value ignored) removes one."""
     candidate = yaml.safe_load(yaml.safe_dump(params_raw))
     for key, value in overrides.items():
         node = candidate
-        *parents, last = key.split(".")
+        *parents, last = key.lstrip("+~").split(".")
         for part in parents:
             node = node[part]
-        node[last] = value
+        if key.startswith("~"):
+            node.pop(last, None)
+        else:
+            node[last] = value
     parse_params(candidate)
     return candidate
 
@@ -84,8 +93,49 @@ def sweep_points(params_raw: dict, nus: list[float], layers: list[str], dataset:
     return points
 
 
+def parse_set(pairs: list[str], is_grid_key: Callable[[str], bool], grid_options: str) -> dict[str, object]:
+    """--set's KEY=VALUE pairs (values read as YAML); keys the command's grid sets are refused, naming its options."""
+    extra = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"--set: expected KEY=VALUE, got {pair!r}")
+        if is_grid_key(key):
+            raise ParamsError(f"--set: {key} is set by the grid ({grid_options})")
+        extra[key] = yaml.safe_load(value)
+    return extra
+
+
+def check_disk(points: list[dict], cache: Path = Path(".dvc/cache"), spare_gb: float = 5.0) -> None:
+    """Refuse to start when DVC's cache would fill the disk: every pretraining configuration still
+    to train stores its layers' codes of all three splits in float32 (about 0.7 GB for 3 x 1000
+    units on a 62,000-example benchmark)."""
+    client, experiment_id, _ = open_store()
+    runs = finished_runs(client, experiment_id)
+    to_train = {}
+    for point in points:
+        pretraining = {k: v for k, v in point["params"].items() if k.startswith("pretrain.") or k in ("seed", "engine", "data.dataset")}
+        key = tuple(sorted(pretraining.items()))
+        if key not in to_train and find_point_run(runs, pretraining) is None:
+            examples = sum(SPLIT_SIZES.get(point["dataset"], (60_000, 5_000, 10_000)))
+            units = sum(v for k, v in pretraining.items() if k.endswith(".units"))
+            to_train[key] = examples * units * 4 / 1e9
+    need, free = sum(to_train.values()) + spare_gb, shutil.disk_usage(cache if cache.exists() else Path.cwd()).free / 1e9
+    if need > free:
+        raise SweepError(f"the points still to run add about {need - spare_gb:.0f} GB to DVC's cache ({len(to_train)} pretraining "
+                         f"configurations, their codes in float32), plus {spare_gb:.0f} GB of working room, but {free:.0f} GB are free "
+                         f"at {cache.resolve()}: free some (`dvc gc --workspace` drops what the workspace does not use), move the "
+                         "cache to a bigger disk (`dvc cache dir PATH`), or run fewer --datasets at a time")
+    print(f"disk: about {need - spare_gb:.0f} GB more in DVC's cache for {len(to_train)} pretraining configurations; {free:.0f} GB free",
+          flush=True)
+
+
 def set_args(overrides: dict[str, object]) -> list[str]:
-    return [arg for key, value in overrides.items() for arg in ("-S", f"{key}={value}")]
+    """`dvc exp run` arguments: ``-S key=value`` (``-S ~key`` removes; a dict is written {a:1,b:2})."""
+    def hydra(value) -> str:
+        return "{" + ",".join(f"{k}:{v}" for k, v in value.items()) + "}" if isinstance(value, dict) else str(value)
+
+    return [arg for key, value in overrides.items() for arg in ("-S", key if key.startswith("~") else f"{key}={hydra(value)}")]
 
 
 def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]], jobs: int, threads: int,

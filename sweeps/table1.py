@@ -26,7 +26,6 @@ table1.json, test_error_vs_nu.png; all under one MLflow parent run.
 
 import argparse
 import itertools
-import shutil
 import time
 from pathlib import Path
 
@@ -34,11 +33,11 @@ import yaml
 
 from sda.artifacts import atomic_path, save_json, save_text
 from sda.data import DATASETS
-from sda.generators import BENCHMARKS, SPLIT_SIZES
+from sda.generators import BENCHMARKS
 from stages.common import run
 from stages.params import ParamsError, load_params
-from stages.track import find_point_run, finished_runs, flatten, log_sweep, open_store
-from sweeps.ablate import apply_overrides, default_threads, run_points
+from stages.track import flatten, log_sweep
+from sweeps.ablate import apply_overrides, check_disk, default_threads, parse_set, run_points
 from sweeps.dvc_queue import SweepError
 
 # ICML 2008 Table 1 (../shared/paper/tables.md): test error %, half-width of the 95% CI, SdA-3's nu.
@@ -109,41 +108,11 @@ def grid_points(raw: dict, datasets: list[str], nus: list[float], chosen: dict[s
     return points
 
 
-def parse_set(pairs: list[str]) -> dict[str, object]:
-    """--set's KEY=VALUE pairs (values read as YAML); the grid's own keys are refused."""
-    extra = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ParamsError(f"--set: expected KEY=VALUE, got {pair!r}")
-        if key in ("data.dataset", "finetune.lr") or (key.startswith("pretrain.") and key.rsplit(".", 1)[-1] in ("corruption", "epochs", "lr")):
-            raise ParamsError(f"--set: {key} is set by the grid (--datasets, --nu, --pretrain-epochs, --pretrain-lr, --finetune-lr)")
-        extra[key] = yaml.safe_load(value)
-    return extra
+GRID_OPTIONS = "--datasets, --nu, --pretrain-epochs, --pretrain-lr, --finetune-lr"
 
 
-def check_disk(points: list[dict], cache: Path = Path(".dvc/cache"), spare_gb: float = 5.0) -> None:
-    """Refuse to start when DVC's cache would fill the disk: every pretraining configuration still
-    to train stores its layers' codes of all three splits in float32 (about 0.7 GB for 3 x 1000
-    units on a 62,000-example benchmark)."""
-    client, experiment_id, _ = open_store()
-    runs = finished_runs(client, experiment_id)
-    to_train = {}
-    for point in points:
-        pretraining = {k: v for k, v in point["params"].items() if k.startswith("pretrain.") or k in ("seed", "engine", "data.dataset")}
-        key = tuple(sorted(pretraining.items()))
-        if key not in to_train and find_point_run(runs, pretraining) is None:
-            examples = sum(SPLIT_SIZES.get(point["dataset"], (60_000, 5_000, 10_000)))
-            units = sum(v for k, v in pretraining.items() if k.endswith(".units"))
-            to_train[key] = examples * units * 4 / 1e9
-    need, free = sum(to_train.values()) + spare_gb, shutil.disk_usage(cache if cache.exists() else Path.cwd()).free / 1e9
-    if need > free:
-        raise SweepError(f"the points still to run add about {need - spare_gb:.0f} GB to DVC's cache ({len(to_train)} pretraining "
-                         f"configurations, their codes in float32), plus {spare_gb:.0f} GB of working room, but {free:.0f} GB are free "
-                         f"at {cache.resolve()}: free some (`dvc gc --workspace` drops what the workspace does not use), move the "
-                         "cache to a bigger disk (`dvc cache dir PATH`), or run fewer --datasets at a time")
-    print(f"disk: about {need - spare_gb:.0f} GB more in DVC's cache for {len(to_train)} pretraining configurations; {free:.0f} GB free",
-          flush=True)
+def is_grid_key(key: str) -> bool:
+    return key in ("data.dataset", "finetune.lr") or (key.startswith("pretrain.") and key.rsplit(".", 1)[-1] in ("corruption", "epochs", "lr"))
 
 
 def verdict(ours: tuple[float, float], paper: tuple[float, float]) -> str:
@@ -315,7 +284,7 @@ def main() -> None:
     load_params()  # params.yaml itself must be valid before anything is queued
     raw = yaml.safe_load(Path("params.yaml").read_text())
     table_id = args.id or time.strftime("table1-%Y%m%d-%H%M%S")
-    points = grid_points(raw, args.datasets, args.nu, chosen, parse_set(args.set))
+    points = grid_points(raw, args.datasets, args.nu, chosen, parse_set(args.set, is_grid_key, GRID_OPTIONS))
     shared = [("prepare", {"data.dataset": dataset}) for dataset in args.datasets]
 
     print(f"Table 1 `{table_id}`: {len(points)} points; interrupted, run it again with --id {table_id}", flush=True)

@@ -16,9 +16,14 @@ import yaml
 
 from sda.generators import BENCHMARKS
 from stages.params import ParamsError
+from sweeps.ablate import check_disk, parse_set as parse_any_set
 from sweeps.dvc_queue import SweepError
-from sweeps.table1 import DATASET_GRID, GRID, PAPER, check_disk, grid_points, parse_set, select, verdict
+from sweeps.table1 import DATASET_GRID, GRID, GRID_OPTIONS, PAPER, grid_points, is_grid_key, select, verdict
 from tests.conftest import ROOT, SESSION
+
+
+def parse_set(pairs):
+    return parse_any_set(pairs, is_grid_key, GRID_OPTIONS)
 
 
 def test_every_benchmark_has_the_papers_numbers():
