@@ -1,4 +1,4 @@
-"""The corruption sweep's report: a table, test error against nu, and the filter figure."""
+"""The corruption sweep's report: a table, test error against nu, and the filter figure (also the noise comparison's)."""
 
 from pathlib import Path
 
@@ -52,13 +52,15 @@ def plot_error_against_nu(rows: list[dict], title: str, report_dir: Path) -> Non
     plt.close(fig)
 
 
-def filter_figure(images: dict[float, Path], report_dir: Path) -> bool:
-    """First-layer filters at nu = 0, 0.25, 0.5 side by side (same initialisation, same unit order)."""
-    available = [nu for nu in FILTER_LEVELS if nu in images]
+def filter_figure(images: dict[float, Path], report_dir: Path, levels=FILTER_LEVELS, name: str = "filters_by_nu",
+                  caption: str = "nu") -> bool:
+    """First-layer filters at ``levels`` (those of ``images`` there are) side by side: same
+    initialisation, same unit order. Writes <name>.png and <name>.txt; False if under two panels."""
+    available = [level for level in levels if level in images]
     if len(available) < 2:
         return False
-    panels = [torch.from_numpy(np.asarray(Image.open(images[nu]).convert("L"), dtype=np.float32) / 255) for nu in available]
+    panels = [torch.from_numpy(np.asarray(Image.open(images[level]).convert("L"), dtype=np.float32) / 255) for level in available]
     grid = make_grid([p.unsqueeze(0) for p in panels], nrow=len(panels), padding=8, pad_value=1.0)[0]
-    save_png((grid.numpy() * 255).round().astype(np.uint8), report_dir / "filters_by_nu.png")
-    save_text(report_dir / "filters_by_nu.txt", "panels, left to right: nu = " + ", ".join(f"{nu:g}" for nu in available) + "\n")
+    save_png((grid.numpy() * 255).round().astype(np.uint8), report_dir / f"{name}.png")
+    save_text(report_dir / f"{name}.txt", f"panels, left to right: {caption} = " + ", ".join(f"{level:g}" for level in available) + "\n")
     return True

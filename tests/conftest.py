@@ -1,5 +1,6 @@
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,28 @@ class PipelineRepo:
         """Run `dvc repro`; return the stages it ran, in order."""
         done = self.run("dvc", "repro", *args)
         return [line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage '")]
+
+
+def processes_of_this_test_in(repo):
+    """Processes of this test run (marked by SDA_TEST_SESSION) working inside ``repo``: none should outlive a command."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("SDA_TEST_SESSION") == SESSION and Path(process.cwd()).is_relative_to(repo):
+                found.append(f"{process.pid} {' '.join(process.cmdline()[:4])}")
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def finished_point_runs(db):
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as connection:
+        try:
+            return connection.execute("select count(*) from runs where status = 'FINISHED'").fetchone()[0]
+        except sqlite3.OperationalError:  # the store's tables are still being created
+            return 0
 
 
 @pytest.fixture

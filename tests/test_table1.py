@@ -3,14 +3,11 @@
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import mlflow
-import psutil
 import pytest
 import yaml
 
@@ -19,7 +16,7 @@ from stages.params import ParamsError
 from sweeps.ablate import check_disk, parse_set as parse_any_set
 from sweeps.dvc_queue import SweepError
 from sweeps.table1 import DATASET_GRID, GRID, GRID_OPTIONS, PAPER, grid_points, is_grid_key, select, verdict
-from tests.conftest import ROOT, SESSION
+from tests.conftest import ROOT, finished_point_runs, processes_of_this_test_in
 
 
 def parse_set(pairs):
@@ -84,28 +81,6 @@ def test_selection_uses_the_validation_error_only():
                                             ((2.60, 0.1), "better")])
 def test_the_verdict_places_our_error_against_the_papers_interval(ours, expected):
     assert verdict(ours, (2.80, 0.14)) == expected
-
-
-def processes_of_this_test_in(repo):
-    """Processes of this test run (marked by SDA_TEST_SESSION) working inside ``repo``: none should outlive a command."""
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if process.environ().get("SDA_TEST_SESSION") == SESSION and Path(process.cwd()).is_relative_to(repo):
-                found.append(f"{process.pid} {' '.join(process.cmdline()[:4])}")
-        except (psutil.Error, OSError):
-            continue
-    return found
-
-
-def finished_point_runs(db):
-    if not db.exists():
-        return 0
-    with sqlite3.connect(db) as connection:
-        try:
-            return connection.execute("select count(*) from runs where status = 'FINISHED'").fetchone()[0]
-        except sqlite3.OperationalError:  # the store's tables are still being created
-            return 0
 
 
 @pytest.mark.slow

@@ -1,0 +1,102 @@
+"""The noise comparison command: its grid, and a real interrupted-and-resumed run over noise kinds."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+import yaml
+
+from stages.params import ParamsError
+from sweeps.ablate import parse_set, set_args
+from sweeps.noise import LEVELS, grid_points, is_grid_key
+from tests.conftest import ROOT, finished_point_runs, processes_of_this_test_in
+
+
+def default_raw() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_the_grid_is_no_noise_then_each_kind_at_its_levels_masking_and_salt_pepper_also_emphasised():
+    points = grid_points(default_raw(), ["mnist", "mnist-rot"], LEVELS, (1.0, 0.5), {})
+    assert len(points) == 2 * (1 + 3 * 2 + 3 * 2 + 3) and len({p["label"] for p in points}) == len(points)
+    for point in points:
+        params = point["params"]
+        assert params["engine"] == "autograd"
+        for layer in ("layer1", "layer2", "layer3"):  # every layer the same noise, level and loss
+            key = f"pretrain.{layer}"
+            if point["kind"] == "gaussian":
+                assert params[f"{key}.noise"] == "gaussian" and params[f"{key}.sigma"] == point["level"]
+                assert f"{key}.corruption" not in params and f"{key}.masking" not in params
+            else:
+                assert params[f"{key}.noise"] == ("masking" if point["kind"] == "none" else point["kind"])
+                assert params[f"{key}.corruption"] == point["level"] and params[f"{key}.masking"] == "fixed"
+            emphasised = (params.get(f"{key}.emphasis.alpha"), params.get(f"{key}.emphasis.beta"))
+            assert emphasised == (point["emphasis"] or (None, None))
+    assert {p["level"] for p in points if p["kind"] == "none"} == {0.0}
+    assert not any(p["emphasis"] for p in points if p["kind"] in ("gaussian", "none"))
+
+
+def test_the_overrides_are_dvcs_set_arguments_adding_and_removing_keys():
+    gaussian = next(p for p in grid_points(default_raw(), ["mnist"], {"gaussian": [0.3]}, None, {}) if p["kind"] == "gaussian")
+    args = set_args(gaussian["overrides"])
+    assert "++pretrain.layer2.sigma=0.3" in args and "~pretrain.layer2.corruption" in args and "~pretrain.layer2.masking" in args
+    emphasised = grid_points(default_raw(), ["mnist"], {"salt_pepper": [0.25]}, (1.0, 0.5), {})[-1]
+    assert "++pretrain.layer1.emphasis={alpha:1.0,beta:0.5}" in set_args(emphasised["overrides"])
+
+
+def test_set_refuses_the_noise_keys_and_a_bad_level_names_its_point():
+    assert parse_set(["finetune.max_epochs=5"], is_grid_key, "the grid") == {"finetune.max_epochs": 5}
+    for key in ("pretrain.layer1.sigma", "pretrain.layer3.emphasis", "engine", "data.dataset"):
+        with pytest.raises(ParamsError, match=f"--set: {key} is set by the grid"):
+            parse_set([f"{key}=1"], is_grid_key, "the grid")
+    with pytest.raises(ParamsError, match=r"mnist, salt_pepper 1: pretrain.layer1.corruption"):
+        grid_points(default_raw(), ["mnist"], {"salt_pepper": [1.0]}, None, {})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)  # four experiments and an interruption: about 200 s on 2 busy cores
+def test_the_noise_sweep_resumes_after_an_interruption_without_retraining_a_finished_point(pipeline_repo):
+    """No noise, salt-and-pepper and Gaussian on digits, one worker; Ctrl-C once the first has finished."""
+    repo = pipeline_repo
+    command = [sys.executable, "-m", "sweeps.noise", "--datasets", "digits", "--kinds", "salt_pepper", "gaussian",
+               "--salt-pepper", "0.25", "--gaussian", "0.3", "--no-emphasis", "--jobs", "1", "--id", "n"]
+    log = repo.path.parent / "first.log"
+    with open(log, "w") as out:
+        first = subprocess.Popen(command, cwd=repo.path, env=repo.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        deadline = time.monotonic() + 150
+        while finished_point_runs(repo.path / "mlflow.db") == 0:
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        os.killpg(first.pid, signal.SIGINT)
+        assert first.wait(timeout=60) == 1
+    assert "error: interrupted: " in log.read_text()
+    assert processes_of_this_test_in(repo.path) == []
+    client = mlflow.MlflowClient(f"sqlite:///{repo.path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sda-pipeline").experiment_id
+    before = {r.info.run_id for r in client.search_runs([experiment], "attributes.status = 'FINISHED'")}
+    assert 1 <= len(before) <= 2
+
+    done = repo.run(*command)
+    assert f"{len(before)} of 3 points have a finished MLflow run already; running {3 - len(before)}" in done.stdout
+    runs = [r for r in client.search_runs([experiment], "attributes.status = 'FINISHED'") if r.data.tags.get("kind") != "sweep-report"]
+    assert len(runs) == 3 and before <= {r.info.run_id for r in runs}  # nothing re-trained, nothing duplicated
+    assert sorted(r.data.params["pretrain.layer1.noise"] for r in runs) == ["gaussian", "masking", "salt_pepper"]
+    assert all(r.data.tags["engine"] == "autograd" for r in runs)
+
+    report = repo.path / "reports/noise/n"
+    points = json.loads((report / "noise.json").read_text())["points"]
+    assert sorted((p["kind"], p["level"]) for p in points) == [("gaussian", 0.3), ("none", 0.0), ("salt_pepper", 0.25)]
+    assert sum(not p["restored"] for p in points) == 3 - len(before)
+    table = (report / "noise.md").read_text()
+    assert "| digits | salt_pepper | salt_pepper nu 0.25 (" in table and "| digits | gaussian | gaussian sigma 0.3 (" in table
+    assert (report / "filters_gaussian.txt").read_text().strip() == "panels, left to right: gaussian level = 0, 0.3"
+    assert (report / "filters_salt_pepper.png").read_bytes()[:4] == b"\x89PNG"
+    assert (report / "test_error_by_noise.png").read_bytes()[:4] == b"\x89PNG"
+    parents = client.search_runs([experiment], "tags.kind = 'sweep-report'")
+    assert len(parents) == 1 and all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in runs)
