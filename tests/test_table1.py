@@ -33,9 +33,12 @@ def test_the_grid_crosses_nu_with_the_epochs_and_rates_and_a_dataset_may_extend_
     points = grid_points(raw, ["mnist-rot", "mnist-basic", "rect"], [0.1, 0.25, 0.4],
                          {"pretrain_epochs": None, "pretrain_lr": None, "finetune_lr": None})
     by_dataset = {d: [p for p in points if p["dataset"] == d] for d in ("mnist-rot", "mnist-basic", "rect")}
-    size = 4 * len(GRID["pretrain_epochs"]) * len(GRID["pretrain_lr"]) * len(GRID["finetune_lr"])
-    assert len(by_dataset["mnist-rot"]) == len(by_dataset["rect"]) == size and len({p["label"] for p in points}) == len(points)
-    assert len(by_dataset["mnist-basic"]) == size // len(GRID["finetune_lr"]) * len(DATASET_GRID["mnist-basic"]["finetune_lr"])
+    for dataset, mine in by_dataset.items():
+        axes = {**GRID, **{k: v for k, v in DATASET_GRID[dataset].items() if k in GRID}}
+        assert len(mine) == 4 * len(axes["pretrain_epochs"]) * len(axes["pretrain_lr"]) * len(axes["finetune_lr"])
+        assert {p["pretrain_epochs"] for p in mine} == set(axes["pretrain_epochs"])
+    assert len({p["label"] for p in points}) == len(points)
+    assert len(DATASET_GRID["mnist-basic"]["finetune_lr"]) == 2 and len(DATASET_GRID["mnist-rot"].get("finetune_lr", GRID["finetune_lr"])) == 1
     assert {p["nu"] for p in by_dataset["mnist-rot"]} == {0.0, 0.1, 0.25, 0.4}
     assert {p["params"]["pretrain.layer3.epochs"] for p in by_dataset["rect"]} == set(DATASET_GRID["rect"]["pretrain_epochs"])
     assert {p["params"]["finetune.max_epochs"] for p in by_dataset["rect"]} == {DATASET_GRID["rect"]["finetune.max_epochs"]}
@@ -62,7 +65,7 @@ def test_a_table_that_would_fill_the_disk_is_refused_before_anything_runs(tmp_pa
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     points = grid_points(raw, ["mnist-basic"], [0.1, 0.25, 0.4], {"pretrain_epochs": None, "pretrain_lr": None, "finetune_lr": None})
-    configurations = 4 * len(GRID["pretrain_epochs"])  # the fine-tuning rates share them
+    configurations = 4 * len(DATASET_GRID["mnist-basic"]["pretrain_epochs"])  # the fine-tuning rates share them
     gigabytes = configurations * 62_000 * 3_000 * 4 / 1e9  # 62,000 examples' codes of 3 x 1000 units in float32
     check_disk(points, spare_gb=0)
     with pytest.raises(SweepError, match=rf"about {gigabytes:.0f} GB to DVC's cache \({configurations} pretraining configurations.*dvc gc"):
