@@ -18,7 +18,6 @@ Queued experiments see only what git tracks: commit your changes first (this com
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -33,7 +32,7 @@ from sda.generators import SPLIT_SIZES
 from stages.common import run
 from stages.params import ParamsError, load_params, parse_params
 from stages.track import download_artifact, find_point_run, finished_runs, flatten, log_sweep, open_store
-from sweeps.dvc_queue import SweepError, dvc, queue_entries, remove_queue_entries, run_queue
+from sweeps.dvc_queue import SweepError, dvc, queue_entries, remove_queue_entries, run_queue, stop_signals_interrupt
 from sweeps.report import FILTER_LEVELS, filter_figure, plot_error_against_nu, write_table
 
 DEFAULT_NU = (0.0, 0.1, 0.25, 0.4, 0.5)
@@ -157,37 +156,35 @@ def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]]
     if len(names) != len(points):
         raise SweepError(f"two points share a name; labels: {', '.join(sorted(p['label'] for p in points))}")
     check_committed()
-    # Ctrl-C raises KeyboardInterrupt while the sweep queues and runs (the stages' handler would
-    # exit at once), so that nothing of it stays queued or running.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Ctrl-C, SIGTERM or SIGHUP raise KeyboardInterrupt while the sweep queues and runs, so that
+    # nothing of it stays queued or running.
     try:
-        check_queue_empty(sweep_id)
-        client, experiment_id, uri = open_store()  # the store exists before any worker writes to it
-        runs = finished_runs(client, experiment_id)
-        for point in points:
-            point["restored"] = find_point_run(runs, point["params"]) is not None
-        missing = {name: point for name, point in names.items() if not point["restored"]}
-        print(f"{len(points) - len(missing)} of {len(points)} points have a finished MLflow run already; running {len(missing)}",
-              flush=True)
+        with stop_signals_interrupt():
+            check_queue_empty(sweep_id)
+            client, experiment_id, uri = open_store()  # the store exists before any worker writes to it
+            runs = finished_runs(client, experiment_id)
+            for point in points:
+                point["restored"] = find_point_run(runs, point["params"]) is not None
+            missing = {name: point for name, point in names.items() if not point["restored"]}
+            print(f"{len(points) - len(missing)} of {len(points)} points have a finished MLflow run already; running {len(missing)}",
+                  flush=True)
 
-        env = dict(os.environ, SDA_THREADS=str(threads))
-        needed = [(index, target, overrides) for index, (target, overrides) in enumerate(shared)
-                  if any(overrides.items() <= point["overrides"].items() for point in missing.values())]
-        remove_experiments([f"{sweep_id}-shared{index}" for index, _, _ in needed])
-        for index, target, overrides in needed:
-            dvc("exp", "run", "--temp", "--name", f"{sweep_id}-shared{index}", *set_args(overrides), target, env=env)
-        failed = {}
-        for phase in sorted({point.get("phase", 0) for point in missing.values()}):
-            batch = [name for name, point in missing.items() if point.get("phase", 0) == phase]
-            failed.update(run_batch(batch, missing, jobs, threads, env))
-            if failed and not keep_going:
-                raise SweepError("sweep points failed (see `dvc queue logs <name>`):\n"
-                                 + "\n".join(f"  {name}: {why}" for name, why in failed.items()))
+            env = dict(os.environ, SDA_THREADS=str(threads))
+            needed = [(index, target, overrides) for index, (target, overrides) in enumerate(shared)
+                      if any(overrides.items() <= point["overrides"].items() for point in missing.values())]
+            remove_experiments([f"{sweep_id}-shared{index}" for index, _, _ in needed])
+            for index, target, overrides in needed:
+                dvc("exp", "run", "--temp", "--name", f"{sweep_id}-shared{index}", *set_args(overrides), target, env=env)
+            failed = {}
+            for phase in sorted({point.get("phase", 0) for point in missing.values()}):
+                batch = [name for name, point in missing.items() if point.get("phase", 0) == phase]
+                failed.update(run_batch(batch, missing, jobs, threads, env))
+                if failed and not keep_going:
+                    raise SweepError("sweep points failed (see `dvc queue logs <name>`):\n"
+                                     + "\n".join(f"  {name}: {why}" for name, why in failed.items()))
     except KeyboardInterrupt:
         raise SweepError(f"interrupted: nothing of the sweep is left queued or running; run the command again "
                          f"(with --id {sweep_id}, where the id was not given) to finish what is missing") from None
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
     runs = finished_runs(client, experiment_id)  # a re-run of an unchanged point finds the earlier run: no duplicate
     found = {}

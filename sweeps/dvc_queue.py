@@ -8,6 +8,7 @@ dvc command here writes its output to files, and after the queue has run its wor
 stop (`dvc queue stop`), given a grace period, then killed, with a line saying so.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -186,24 +187,40 @@ def clear_worker_mailboxes(repo: Path) -> None:
         message.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def stop_signals_interrupt():
+    """Inside the block, SIGINT (Ctrl-C), SIGTERM (`kill`, a job scheduler) and SIGHUP (a closed
+    terminal) raise KeyboardInterrupt, so that the code around it stops what it started: left to
+    their defaults, SIGTERM and SIGHUP end the process at once and orphan the queue's workers, and
+    the stages' SIGINT handler exits at once."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def run_queue(jobs: int, env: dict | None = None) -> None:
     """Run every queued experiment of the working directory's repository with ``jobs`` workers.
 
-    Returns when the queue is done and none of its workers is left. When dvc fails or Ctrl-C
-    interrupts, the workers and the experiments they run are stopped before the error goes on.
+    Returns when the queue is done and none of its workers is left. When dvc fails or Ctrl-C,
+    SIGTERM or SIGHUP interrupts, the workers and the experiments they run are stopped before the
+    error goes on.
     A worker still alive after the queue is done is killed, with a line saying so.
     """
     repo, started, done = Path.cwd(), time.time(), False
-    # Ctrl-C raises here (the stages' handler exits at once), so that the workers are stopped below.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        dvc("exp", "run", "--run-all", "--jobs", str(jobs), env=env)
+        with stop_signals_interrupt():
+            dvc("exp", "run", "--run-all", "--jobs", str(jobs), env=env)
         done = True
     except KeyboardInterrupt:
         raise SweepError("interrupted: the queue's workers and the experiments they ran were stopped; "
                          "run the command again to finish what is missing") from None
     finally:
-        signal.signal(signal.SIGINT, previous)
         killed = stop_workers(repo, started, kill_running=not done)
         if killed:
             print(f"stopped DVC queue processes still alive after the queue ran: {killed}; {STOP_HINT}", flush=True)

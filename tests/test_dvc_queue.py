@@ -139,7 +139,8 @@ def test_the_harness_never_waits_on_a_pipe_a_sleeping_worker_holds(queue_repo):
     assert repo_processes(repo.path, dvc_only=False) == []
 
 
-def test_an_interrupted_sweep_stops_its_workers_and_the_experiments_they_run(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_sweep_stops_its_workers_and_the_experiments_they_run(tmp_path, stop):
     repo = QueueRepo(tmp_path / "repo", SLOW_DVC_YAML)
     try:
         repo.queue([120, 121])
@@ -150,7 +151,7 @@ def test_an_interrupted_sweep_stops_its_workers_and_the_experiments_they_run(tmp
         while not [p for p in repo_processes(repo.path) if "time.sleep" in " ".join(p.cmdline())]:
             assert time.monotonic() < deadline and sweep.poll() is None, "no experiment started"
             time.sleep(0.2)
-        sweep.send_signal(signal.SIGINT)
+        sweep.send_signal(stop)
         stdout, stderr = sweep.communicate(timeout=60)
         assert sweep.returncode == 1 and "interrupted: the queue's workers and the experiments they ran were stopped" in stderr, \
             stdout + stderr
