@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -297,8 +298,11 @@ def finished_runs(client: mlflow.MlflowClient, experiment_id: str) -> list:
             return runs
 
 
-def find_point_run(runs: list, expected: dict[str, object]):
-    """The newest run whose params equal ``expected`` (numbers compared as numbers), or None."""
+def find_point_run(runs: list, expected: dict[str, object], in_scope: Callable[[str], bool] = lambda key: True):
+    """The newest run whose params equal ``expected`` (numbers compared as numbers), or None.
+
+    Equal means no other param either, among those ``in_scope`` selects (all by default): a run
+    with a key the point lacks, such as an emphasis, is another point."""
 
     def same(logged: str | None, wanted) -> bool:
         if logged is None:
@@ -311,7 +315,8 @@ def find_point_run(runs: list, expected: dict[str, object]):
         return logged == str(wanted)
 
     for candidate in runs:
-        if all(same(candidate.data.params.get(k), v) for k, v in expected.items()):
+        if ({k for k in candidate.data.params if in_scope(k)} == set(expected)
+                and all(same(candidate.data.params.get(k), v) for k, v in expected.items())):
             return candidate
     return None
 

@@ -61,16 +61,27 @@ def check_queue_empty(sweep_id: str) -> None:
 def apply_overrides(params_raw: dict, overrides: dict[str, object]) -> dict:
     """A copy of the params tree with dotted-key overrides applied, checked against the contract.
 
-    Keys follow DVC's `-S` (Hydra) grammar: ``key`` changes a value params.yaml has, ``++key`` also
-    adds one it lacks, ``~key`` (value ignored) removes one."""
+    Keys follow DVC's `-S` (Hydra) rules, so that what passes here also passes `dvc exp run`:
+    ``key`` changes a value params.yaml has, ``+key`` adds one it lacks, ``++key`` does either,
+    ``~key`` (value ignored) removes one it has."""
     candidate = yaml.safe_load(yaml.safe_dump(params_raw))
     for key, value in overrides.items():
+        path = key.lstrip("+~")
         node = candidate
-        *parents, last = key.lstrip("+~").split(".")
-        for part in parents:
+        *parents, last = path.split(".")
+        for depth, part in enumerate(parents):
+            if not isinstance(node, dict) or part not in node:
+                raise ParamsError(f"{'.'.join(parents[:depth + 1])}: not in params.yaml, so {key} cannot be set")
             node = node[part]
+        present = isinstance(node, dict) and last in node
+        if key.startswith("~") and not present:
+            raise ParamsError(f"{path}: not in params.yaml, so it cannot be removed")
+        if key.startswith("+") and not key.startswith("++") and present:
+            raise ParamsError(f"{path}: already in params.yaml; change it with {path}=... or ++{path}=...")
+        if not key.startswith(("+", "~")) and not present:
+            raise ParamsError(f"{path}: not in params.yaml; add it with ++{path}=...")
         if key.startswith("~"):
-            node.pop(last, None)
+            del node[last]
         else:
             node[last] = value
     parse_params(candidate)
@@ -99,10 +110,15 @@ def parse_set(pairs: list[str], is_grid_key: Callable[[str], bool], grid_options
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ParamsError(f"--set: expected KEY=VALUE, got {pair!r}")
-        if is_grid_key(key):
+        if is_grid_key(key.lstrip("+~")):
             raise ParamsError(f"--set: {key} is set by the grid ({grid_options})")
         extra[key] = yaml.safe_load(value)
     return extra
+
+
+def is_pretraining_key(key: str) -> bool:
+    """The params that decide the pretrained layers (and so what DVC's cache holds of them)."""
+    return key.startswith("pretrain.") or key in ("seed", "engine", "data.dataset")
 
 
 def check_disk(points: list[dict], cache: Path = Path(".dvc/cache"), spare_gb: float = 5.0) -> None:
@@ -113,9 +129,9 @@ def check_disk(points: list[dict], cache: Path = Path(".dvc/cache"), spare_gb: f
     runs = finished_runs(client, experiment_id)
     to_train = {}
     for point in points:
-        pretraining = {k: v for k, v in point["params"].items() if k.startswith("pretrain.") or k in ("seed", "engine", "data.dataset")}
+        pretraining = {k: v for k, v in point["params"].items() if is_pretraining_key(k)}
         key = tuple(sorted(pretraining.items()))
-        if key not in to_train and find_point_run(runs, pretraining) is None:
+        if key not in to_train and find_point_run(runs, pretraining, in_scope=is_pretraining_key) is None:
             examples = sum(SPLIT_SIZES.get(point["dataset"], (60_000, 5_000, 10_000)))
             units = sum(v for k, v in pretraining.items() if k.endswith(".units"))
             to_train[key] = examples * units * 4 / 1e9
@@ -130,11 +146,11 @@ def check_disk(points: list[dict], cache: Path = Path(".dvc/cache"), spare_gb: f
 
 
 def set_args(overrides: dict[str, object]) -> list[str]:
-    """`dvc exp run` arguments: ``-S key=value`` (``-S ~key`` removes; a dict is written {a:1,b:2})."""
-    def hydra(value) -> str:
+    """`dvc exp run` arguments: ``-S key=value`` (``-S ~key`` removes; a dict of numbers is written {a:1,b:2})."""
+    def hydra_value(value) -> str:
         return "{" + ",".join(f"{k}:{v}" for k, v in value.items()) + "}" if isinstance(value, dict) else str(value)
 
-    return [arg for key, value in overrides.items() for arg in ("-S", key if key.startswith("~") else f"{key}={hydra(value)}")]
+    return [arg for key, value in overrides.items() for arg in ("-S", key if key.startswith("~") else f"{key}={hydra_value(value)}")]
 
 
 def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]], jobs: int, threads: int,

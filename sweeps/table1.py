@@ -4,8 +4,8 @@
     python -m sweeps.table1 --id table1 --datasets rect convex --finetune-lr 2
 
 Per dataset, the grid: nu in {0, 0.1, 0.25, 0.4} (the same in every layer; 0 is SAA-3) crossed
-with pretraining epochs per layer, pretraining rate and fine-tuning rate (GRID; DATASET_GRID for
-rect, with 1,000 training examples, and mnist-basic, where SAA-3 diverges at 2.0). Everything
+with pretraining epochs per layer, pretraining rate and fine-tuning rate (GRID, and each dataset's
+own epochs in DATASET_GRID; mnist-basic also fine-tunes at 1.0, as SAA-3 diverges at 2.0). Everything
 else is params.yaml, or --set. SAA-3 is the best point at nu = 0 and SdA-3 the best at nu > 0,
 both by validation error; the test split is only reported. Each point is a DVC experiment run by
 parallel queue workers and one MLflow run; the points that differ only in fine-tuning rate share
@@ -57,7 +57,8 @@ NU = (0.1, 0.25, 0.4)  # SdA-3's candidates; nu = 0 (SAA-3) always runs
 GRID = {"pretrain_epochs": [15, 30], "pretrain_lr": [0.1], "finetune_lr": [2.0]}
 DATASET_GRID = {
     # Pretraining epochs: {15, 30}, and past each edge where a selection (SAA-3's or SdA-3's) sat on
-    # {15, 30}, the next value: 5 below 15, 60 above 30 (table1-20261207, docs/results.md).
+    # {15, 30}, the next value: 5 below 15, 60 above 30 (the selections of the {15, 30} table:
+    # docs/table1/ before 2026-12-07's extension, docs/results.md).
     # SAA-3's fine-tuning diverges at 2.0 on mnist-basic (a training failure, seen before any
     # validation): the next rate down is tried there for every nu.
     "mnist-basic": {"pretrain_epochs": [5, 15, 30, 60], "finetune_lr": [2.0, 1.0]},

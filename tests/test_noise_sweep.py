@@ -2,17 +2,20 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import mlflow
 import pytest
 import yaml
 
 from stages.params import ParamsError
-from sweeps.ablate import parse_set, set_args
+from stages.track import find_point_run, flatten
+from sweeps.ablate import apply_overrides, is_pretraining_key, parse_set, set_args
 from sweeps.noise import LEVELS, grid_points, is_grid_key
 from tests.conftest import ROOT, finished_point_runs, processes_of_this_test_in
 
@@ -49,10 +52,49 @@ def test_the_overrides_are_dvcs_set_arguments_adding_and_removing_keys():
     assert "++pretrain.layer1.emphasis={alpha:1.0,beta:0.5}" in set_args(emphasised["overrides"])
 
 
+def test_dvc_applies_the_overrides_as_the_sweep_checked_them(tmp_path):
+    """The sweep checks each point's params before queueing it; DVC's own -S must give the same file."""
+    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
+
+    raw = default_raw()
+    points = grid_points(raw, ["mnist"], {"gaussian": [0.3], "salt_pepper": [0.25]}, (1.0, 0.5), {"finetune.max_epochs": 5})
+    for point in points:
+        path = tmp_path / f"{point['label']}.yaml"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        dvc_apply_overrides(path, set_args(point["overrides"])[1::2])
+        assert flatten(yaml.safe_load(path.read_text())) == point["params"], point["label"]
+
+
+def test_the_overrides_follow_dvcs_rules_for_adding_and_removing_keys():
+    raw = default_raw()
+    assert apply_overrides(raw, {"++pretrain.layer1.noise": "salt_pepper", "engine": "autograd"})["pretrain"]["layer1"]["noise"] == "salt_pepper"
+    for overrides, message in [({"pretrain.layer1.noise": "salt_pepper"}, r"pretrain.layer1.noise: not in params.yaml; add it with \+\+"),
+                               ({"~pretrain.layer1.sigma": None}, "pretrain.layer1.sigma: not in params.yaml, so it cannot be removed"),
+                               ({"+pretrain.layer1.corruption": 0.2}, "pretrain.layer1.corruption: already in params.yaml"),
+                               ({"pretrain.layer9.units": 5}, "pretrain.layer9: not in params.yaml")]:
+        with pytest.raises(ParamsError, match=message):
+            apply_overrides(raw, overrides)
+
+
+def test_a_plain_point_is_not_mistaken_for_its_emphasised_twin():
+    """A finished run counts for a point only with exactly the point's params: one more key (an
+    emphasis) makes it another point's run."""
+    plain, emphasised = (p for p in grid_points(default_raw(), ["mnist"], {"masking": [0.25]}, (1.0, 0.5), {}) if p["level"] == 0.25)
+    run_of = {name: SimpleNamespace(data=SimpleNamespace(params={k: str(v) for k, v in point["params"].items()}), name=name)
+              for name, point in (("plain", plain), ("emphasised", emphasised))}
+    newest_first = [run_of["emphasised"], run_of["plain"]]
+    assert find_point_run(newest_first, plain["params"]).name == "plain"
+    assert find_point_run(newest_first, emphasised["params"]).name == "emphasised"
+    assert find_point_run([run_of["emphasised"]], plain["params"]) is None
+    pretraining = {k: v for k, v in plain["params"].items() if is_pretraining_key(k)}
+    assert find_point_run([run_of["emphasised"]], pretraining, in_scope=is_pretraining_key) is None
+    assert find_point_run(newest_first, pretraining, in_scope=is_pretraining_key).name == "plain"
+
+
 def test_set_refuses_the_noise_keys_and_a_bad_level_names_its_point():
     assert parse_set(["finetune.max_epochs=5"], is_grid_key, "the grid") == {"finetune.max_epochs": 5}
-    for key in ("pretrain.layer1.sigma", "pretrain.layer3.emphasis", "engine", "data.dataset"):
-        with pytest.raises(ParamsError, match=f"--set: {key} is set by the grid"):
+    for key in ("pretrain.layer1.sigma", "pretrain.layer3.emphasis", "engine", "data.dataset", "++engine"):
+        with pytest.raises(ParamsError, match=f"--set: {re.escape(key)} is set by the grid"):
             parse_set([f"{key}=1"], is_grid_key, "the grid")
     with pytest.raises(ParamsError, match=r"mnist, salt_pepper 1: pretrain.layer1.corruption"):
         grid_points(default_raw(), ["mnist"], {"salt_pepper": [1.0]}, None, {})

@@ -206,6 +206,10 @@ IN_A_STAGE = [case for case in BAD if case_id(*case[:2]) in {
     "pretrain.layer1.noise='salt_pepper'"}]
 
 
+def test_every_case_chosen_to_run_in_a_stage_is_a_bad_case():
+    assert len(IN_A_STAGE) == 8  # a renamed BAD case must not drop out of the stage test unseen
+
+
 @pytest.fixture(scope="module")
 def bad_params_stages(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
     """`python -m stages.pretrain layer1` on each IN_A_STAGE params file, all started at once (each is
@@ -227,7 +231,6 @@ def bad_params_stages(tmp_path_factory) -> dict[str, tuple[Path, subprocess.Comp
 @pytest.mark.slow
 @pytest.mark.parametrize("path, value, key", IN_A_STAGE, ids=[case_id(p, v) for p, v, _ in IN_A_STAGE])
 def test_every_kind_of_bad_params_stops_a_stage_with_one_line_and_writes_nothing(bad_params_stages, path, value, key):
-    assert len(IN_A_STAGE) == 8  # a renamed BAD case must not drop out of this test unseen
     tmp_path, done = bad_params_stages[case_id(path, value)]
     assert done.returncode == 2
     assert done.stderr.splitlines() == [done.stderr.splitlines()[0]] and done.stderr.startswith(f"error: {key}: ")
