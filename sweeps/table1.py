@@ -57,8 +57,8 @@ NU = (0.1, 0.25, 0.4)  # SdA-3's candidates; nu = 0 (SAA-3) always runs
 GRID = {"pretrain_epochs": [15, 30], "pretrain_lr": [0.1], "finetune_lr": [2.0]}
 DATASET_GRID = {
     # Pretraining epochs: {15, 30}, and past each edge where a selection (SAA-3's or SdA-3's) sat on
-    # {15, 30}, the next value: 5 below 15, 60 above 30 (the selections of the {15, 30} table:
-    # docs/table1/ before 2026-12-07's extension, docs/results.md).
+    # {15, 30}, the next value: 5 below 15, 60 above 30 (the {15, 30} table's selections are in
+    # docs/results.md, 2026-12-07).
     # SAA-3's fine-tuning diverges at 2.0 on mnist-basic (a training failure, seen before any
     # validation): the next rate down is tried there for every nu.
     "mnist-basic": {"pretrain_epochs": [5, 15, 30, 60], "finetune_lr": [2.0, 1.0]},
