@@ -58,20 +58,20 @@ GRID = {"pretrain_epochs": [15, 30], "pretrain_lr": [0.1], "finetune_lr": [2.0]}
 DATASET_GRID = {
     # Pretraining epochs: {15, 30}, and past each edge where a selection (SAA-3's or SdA-3's) sat on
     # {15, 30}, the next value: 5 below 15, 60 above 30 (the {15, 30} table's selections are in
-    # docs/results.md, 2026-12-07).
+    # docs/results.md, 2026-12-07). Not on mnist-bg-img, mnist-rot-bg-img and rect-img, whose
+    # regenerated images make them easier than the originals (both methods 3-11 points below the
+    # paper): only within-row comparisons hold there, and {15, 30} is what was run. convex, easier
+    # too, is extended: it is where the paper's SdA-3 lost to SAA-3.
     # SAA-3's fine-tuning diverges at 2.0 on mnist-basic (a training failure, seen before any
     # validation): the next rate down is tried there for every nu.
     "mnist-basic": {"pretrain_epochs": [5, 15, 30, 60], "finetune_lr": [2.0, 1.0]},
     "mnist-rot": {"pretrain_epochs": [15, 30, 60]},
     "mnist-bg-rand": {"pretrain_epochs": [5, 15, 30, 60]},
-    "mnist-bg-img": {"pretrain_epochs": [15, 30, 60]},
-    "mnist-rot-bg-img": {"pretrain_epochs": [5, 15, 30, 60]},
+    "convex": {"pretrain_epochs": [5, 15, 30, 60]},
     # rect has 1,000 training examples (31 steps per epoch at batch 32): several times the epochs
     # for comparable numbers of steps as the 10,000-example sets ({50, 150}, and 15 and 300 past
     # them), and fine-tuning long enough to leave chance.
     "rect": {"pretrain_epochs": [15, 50, 150, 300], "finetune.max_epochs": 300, "finetune.patience": 50},
-    "rect-img": {"pretrain_epochs": [5, 15, 30]},
-    "convex": {"pretrain_epochs": [5, 15, 30, 60]},
 }
 
 
