@@ -283,7 +283,7 @@ def main() -> None:
     save_json(RUN_RECORD, {"run_id": run_id, "experiment": EXPERIMENT, "tracking_uri": uri})
 
 
-# Sweeps (sweeps/ablate.py): find each point's run, group the runs, log the sweep's report.
+# Sweeps (sweeps/grid.py): find each point's run, group the runs, log the sweep's report.
 
 
 def finished_runs(client: mlflow.MlflowClient, experiment_id: str) -> list:

@@ -23,7 +23,7 @@ STOP_HINT = "see them with `dvc queue status`, stop them with `dvc queue stop`"
 
 
 class SweepError(RuntimeError):
-    """A sweep (sweeps.ablate, sweeps.table1) cannot start or one of its points failed."""
+    """A sweep (sweeps.ablate, sweeps.noise, sweeps.table1) cannot start or one of its points failed."""
 
 
 def run_to_files(cmd: list[str] | tuple[str, ...], **kwargs) -> subprocess.CompletedProcess:

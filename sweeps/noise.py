@@ -36,8 +36,8 @@ from sda.noise import NOISE_KINDS
 from stages.common import run
 from stages.params import ParamsError, load_params
 from stages.track import download_artifact, flatten, log_sweep
-from sweeps.ablate import apply_overrides, check_disk, default_threads, parse_set, run_points
 from sweeps.dvc_queue import SweepError
+from sweeps.grid import apply_overrides, check_disk, default_threads, parse_set, run_points
 from sweeps.report import filter_figure
 
 LEVELS = {"masking": [0.1, 0.25, 0.4], "salt_pepper": [0.1, 0.25, 0.4], "gaussian": [0.1, 0.3, 0.5]}

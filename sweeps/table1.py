@@ -37,8 +37,8 @@ from sda.generators import BENCHMARKS
 from stages.common import run
 from stages.params import ParamsError, load_params
 from stages.track import flatten, log_sweep
-from sweeps.ablate import apply_overrides, check_disk, default_threads, parse_set, run_points
 from sweeps.dvc_queue import SweepError
+from sweeps.grid import apply_overrides, check_disk, default_threads, parse_set, run_points
 
 # ICML 2008 Table 1 (../shared/paper/tables.md): test error %, half-width of the 95% CI, SdA-3's nu.
 PAPER = {

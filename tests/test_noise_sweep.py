@@ -15,7 +15,7 @@ import yaml
 
 from stages.params import ParamsError
 from stages.track import find_point_run, flatten
-from sweeps.ablate import apply_overrides, is_pretraining_key, parse_set, set_args
+from sweeps.grid import apply_overrides, is_pretraining_key, parse_set, set_args
 from sweeps.noise import LEVELS, grid_points, is_grid_key
 from tests.conftest import ROOT, finished_point_runs, processes_of_this_test_in
 

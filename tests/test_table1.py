@@ -14,8 +14,8 @@ import yaml
 
 from sda.generators import BENCHMARKS
 from stages.params import ParamsError
-from sweeps.ablate import check_disk, parse_set as parse_any_set
 from sweeps.dvc_queue import SweepError
+from sweeps.grid import check_disk, parse_set as parse_any_set
 from sweeps.table1 import DATASET_GRID, GRID, GRID_OPTIONS, PAPER, grid_points, is_grid_key, select, verdict
 from tests.conftest import ROOT, finished_point_runs, processes_of_this_test_in
 

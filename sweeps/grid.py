@@ -1,0 +1,232 @@
+"""What every sweep command shares: points as queued DVC experiments, found again in MLflow.
+
+A point is a dict with ``label`` (its name after the sweep's id), ``overrides`` (DVC's `-S`
+keys and values) and ``params`` (the flattened params.yaml it runs), checked before anything is
+queued. ``run_points`` runs them resumably: points with a finished MLflow run of the same params
+are left out, shared stages run once beforehand to fill DVC's run-cache, the rest run in phases
+on parallel queue workers, and Ctrl-C, SIGTERM or SIGHUP leave nothing queued or running.
+"""
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from sda.device import usable_cores
+from sda.generators import SPLIT_SIZES
+from stages.params import ParamsError, parse_params
+from stages.track import find_point_run, finished_runs, open_store
+from sweeps.dvc_queue import SweepError, dvc, queue_entries, remove_queue_entries, run_queue, stop_signals_interrupt
+
+
+def check_committed() -> None:
+    """Queued experiments are built from git: uncommitted code would silently not be used."""
+    done = subprocess.run(["git", "status", "--porcelain", "--", "dvc.yaml", "params.yaml", "dvc.lock", "sda", "stages"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SweepError(f"not a git repository here: {done.stderr.strip()}")
+    if done.stdout.strip():
+        changed = ", ".join(line[3:] for line in done.stdout.splitlines()[:5])
+        raise SweepError(f"commit these first; queued experiments see only what git has committed: {changed}")
+
+
+def check_queue_empty(sweep_id: str) -> None:
+    """The queue must hold nothing waiting or running, but for this sweep's own leftovers of an
+    interrupted run, which are removed."""
+    remove_queue_entries(lambda name, status: name.startswith(f"{sweep_id}-") and status == "Queued")
+    if any(status in ("Queued", "Running") for status in queue_entries().values()):
+        raise SweepError("the DVC queue already holds experiments (see `dvc queue status`); run them or "
+                         "`dvc queue remove --queued` first, so this sweep runs only its own points")
+
+
+def apply_overrides(params_raw: dict, overrides: dict[str, object]) -> dict:
+    """A copy of the params tree with dotted-key overrides applied, checked against the contract.
+
+    Keys follow DVC's `-S` (Hydra) rules, so that what passes here also passes `dvc exp run`:
+    ``key`` changes a value params.yaml has, ``+key`` adds one it lacks, ``++key`` does either,
+    ``~key`` (value ignored) removes one it has."""
+    candidate = yaml.safe_load(yaml.safe_dump(params_raw))
+    for key, value in overrides.items():
+        path = key.lstrip("+~")
+        node = candidate
+        *parents, last = path.split(".")
+        for depth, part in enumerate(parents):
+            if not isinstance(node, dict) or part not in node:
+                raise ParamsError(f"{'.'.join(parents[:depth + 1])}: not in params.yaml, so {key} cannot be set")
+            node = node[part]
+        present = isinstance(node, dict) and last in node
+        if key.startswith("~") and not present:
+            raise ParamsError(f"{path}: not in params.yaml, so it cannot be removed")
+        if key.startswith("+") and not key.startswith("++") and present:
+            raise ParamsError(f"{path}: already in params.yaml; change it with {path}=... or ++{path}=...")
+        if not key.startswith(("+", "~")) and not present:
+            raise ParamsError(f"{path}: not in params.yaml; add it with ++{path}=...")
+        if key.startswith("~"):
+            del node[last]
+        else:
+            node[last] = value
+    parse_params(candidate)
+    return candidate
+
+
+def parse_set(pairs: list[str], is_grid_key: Callable[[str], bool], grid_options: str) -> dict[str, object]:
+    """--set's KEY=VALUE pairs (values read as YAML); keys the command's grid sets are refused, naming its options."""
+    extra = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"--set: expected KEY=VALUE, got {pair!r}")
+        if is_grid_key(key.lstrip("+~")):
+            raise ParamsError(f"--set: {key} is set by the grid ({grid_options})")
+        extra[key] = yaml.safe_load(value)
+    return extra
+
+
+def is_pretraining_key(key: str) -> bool:
+    """The params that decide the pretrained layers (and so what DVC's cache holds of them)."""
+    return key.startswith("pretrain.") or key in ("seed", "engine", "data.dataset")
+
+
+def check_disk(points: list[dict], cache: Path = Path(".dvc/cache"), spare_gb: float = 5.0) -> None:
+    """Refuse to start when DVC's cache would fill the disk: every pretraining configuration still
+    to train stores its layers' codes of all three splits in float32 (about 0.7 GB for 3 x 1000
+    units on a 62,000-example benchmark)."""
+    client, experiment_id, _ = open_store()
+    runs = finished_runs(client, experiment_id)
+    to_train = {}
+    for point in points:
+        pretraining = {k: v for k, v in point["params"].items() if is_pretraining_key(k)}
+        key = tuple(sorted(pretraining.items()))
+        if key not in to_train and find_point_run(runs, pretraining, in_scope=is_pretraining_key) is None:
+            examples = sum(SPLIT_SIZES.get(point["dataset"], (60_000, 5_000, 10_000)))
+            units = sum(v for k, v in pretraining.items() if k.endswith(".units"))
+            to_train[key] = examples * units * 4 / 1e9
+    need, free = sum(to_train.values()) + spare_gb, shutil.disk_usage(cache if cache.exists() else Path.cwd()).free / 1e9
+    if need > free:
+        raise SweepError(f"the points still to run add about {need - spare_gb:.0f} GB to DVC's cache ({len(to_train)} pretraining "
+                         f"configurations, their codes in float32), plus {spare_gb:.0f} GB of working room, but {free:.0f} GB are free "
+                         f"at {cache.resolve()}: free some (`dvc gc --workspace` drops what the workspace does not use), move the "
+                         "cache to a bigger disk (`dvc cache dir PATH`), or run fewer --datasets at a time")
+    print(f"disk: about {need - spare_gb:.0f} GB more in DVC's cache for {len(to_train)} pretraining configurations; {free:.0f} GB free",
+          flush=True)
+
+
+def set_args(overrides: dict[str, object]) -> list[str]:
+    """`dvc exp run` arguments: ``-S key=value`` (``-S ~key`` removes; a dict of numbers is written {a:1,b:2})."""
+    def hydra_value(value) -> str:
+        return "{" + ",".join(f"{k}:{v}" for k, v in value.items()) + "}" if isinstance(value, dict) else str(value)
+
+    return [arg for key, value in overrides.items() for arg in ("-S", key if key.startswith("~") else f"{key}={hydra_value(value)}")]
+
+
+def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]], jobs: int, threads: int,
+               keep_going: bool = False) -> tuple[dict[str, object], dict[str, str]]:
+    """Run every point as a queued DVC experiment; return ({experiment name: its MLflow run}, {failed point: why}).
+
+    Each point is named ``<sweep_id>-<label>`` (set as ``point["experiment"]``). A point with a
+    finished MLflow run of the same params is not run again (a re-run after an interruption
+    finishes only what is missing); ``point["restored"]`` says which were. Points run in the order
+    of their ``phase`` (default 0), one queue run per phase, so a later phase can restore stages an
+    earlier one trained from DVC's run-cache. ``shared``: (target, overrides) of stages that
+    several points share, run once beforehand in temporary experiments for the points that need
+    them. A failed point stops the sweep (SweepError) after its phase, unless ``keep_going``: then
+    the others still run and the failed ones are returned, to be retried by the next invocation.
+    """
+    for point in points:
+        point["experiment"] = f"{sweep_id}-{point['label']}"
+    names = {point["experiment"]: point for point in points}
+    if len(names) != len(points):
+        raise SweepError(f"two points share a name; labels: {', '.join(sorted(p['label'] for p in points))}")
+    check_committed()
+    # Ctrl-C, SIGTERM or SIGHUP raise KeyboardInterrupt while the sweep queues and runs, so that
+    # nothing of it stays queued or running.
+    try:
+        with stop_signals_interrupt():
+            check_queue_empty(sweep_id)
+            client, experiment_id, uri = open_store()  # the store exists before any worker writes to it
+            runs = finished_runs(client, experiment_id)
+            for point in points:
+                point["restored"] = find_point_run(runs, point["params"]) is not None
+            missing = {name: point for name, point in names.items() if not point["restored"]}
+            print(f"{len(points) - len(missing)} of {len(points)} points have a finished MLflow run already; running {len(missing)}",
+                  flush=True)
+
+            env = dict(os.environ, SDA_THREADS=str(threads))
+            needed = [(index, target, overrides) for index, (target, overrides) in enumerate(shared)
+                      if any(overrides.items() <= point["overrides"].items() for point in missing.values())]
+            remove_experiments([f"{sweep_id}-shared{index}" for index, _, _ in needed])
+            for index, target, overrides in needed:
+                dvc("exp", "run", "--temp", "--name", f"{sweep_id}-shared{index}", *set_args(overrides), target, env=env)
+            failed = {}
+            for phase in sorted({point.get("phase", 0) for point in missing.values()}):
+                batch = [name for name, point in missing.items() if point.get("phase", 0) == phase]
+                failed.update(run_batch(batch, missing, jobs, threads, env))
+                if failed and not keep_going:
+                    raise SweepError("sweep points failed (see `dvc queue logs <name>`):\n"
+                                     + "\n".join(f"  {name}: {why}" for name, why in failed.items()))
+    except KeyboardInterrupt:
+        raise SweepError(f"interrupted: nothing of the sweep is left queued or running; run the command again "
+                         f"(with --id {sweep_id}, where the id was not given) to finish what is missing") from None
+
+    runs = finished_runs(client, experiment_id)  # a re-run of an unchanged point finds the earlier run: no duplicate
+    found = {}
+    for name, point in names.items():
+        if name not in failed:
+            found[name] = find_point_run(runs, point["params"])
+            if found[name] is None:
+                failed[name] = f"the experiment succeeded but no finished MLflow run with its params is in {uri}"
+                del found[name]
+    if failed and not keep_going:
+        raise SweepError("\n".join(f"{name}: {why}" for name, why in failed.items()))
+    return found, failed
+
+
+def remove_experiments(names: list[str]) -> None:
+    """Remove the experiments of these names an earlier, interrupted run of the sweep saved, so that
+    the names can be used again (`dvc exp run --force` would also re-run every cached stage)."""
+    existing = sorted(set(names) & set(dvc("exp", "list", "--name-only", echo=False).split()))
+    if existing:
+        dvc("exp", "remove", *existing, echo=False)
+
+
+def failure_reason(name: str) -> str:
+    """The error line of a failed point's log (the stages print one `error: ...` line), or its last line."""
+    try:
+        lines = [line.strip() for line in dvc("queue", "logs", name, echo=False).splitlines() if line.strip()]
+    except SweepError as err:
+        return f"no log: {str(err).splitlines()[0]}"
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or ["empty log"])[-1]
+
+
+def run_batch(batch: list[str], points: dict[str, dict], jobs: int, threads: int, env: dict) -> dict[str, str]:
+    """Queue the named points and run them with ``jobs`` workers; return {failed point: why}.
+
+    Whatever stops it (Ctrl-C, a failure of dvc itself), none of them stays queued."""
+    # Entries of an interrupted earlier run under the same names (failed or never run) go first.
+    remove_queue_entries(lambda name, status: name in batch)
+    remove_experiments(batch)
+    try:
+        for name in batch:
+            dvc("exp", "run", "--queue", "--name", name, *set_args(points[name]["overrides"]), env=env)
+        started = time.perf_counter()
+        print(f"running {len(batch)} points with {jobs} workers x {threads} torch threads ...", flush=True)
+        # The queue was empty before, so the workers it stops are this sweep's own.
+        run_queue(jobs, env)
+    except BaseException:
+        remove_queue_entries(lambda name, status: name in batch and status == "Queued")
+        raise
+    # Only this batch's entries: the queue remembers earlier sweeps' failures too.
+    statuses = queue_entries()
+    failed = {name: failure_reason(name) if name in statuses else "not in the queue's records"
+              for name in batch if statuses.get(name) != "Success"}
+    print(f"{len(batch) - len(failed)} points done, {len(failed)} failed, in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+    return failed
+
+
+def default_threads(jobs: int) -> int:
+    return max(1, usable_cores() // jobs)
