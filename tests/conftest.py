@@ -1,8 +1,10 @@
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -129,6 +131,24 @@ def finished_point_runs(db):
             return connection.execute("select count(*) from runs where status = 'FINISHED'").fetchone()[0]
         except sqlite3.OperationalError:  # the store's tables are still being created
             return 0
+
+
+def interrupt_after_the_first_finished_point(repo: "PipelineRepo", command: list[str]) -> None:
+    """Start the sweep ``command`` in ``repo``, press Ctrl-C once a point's MLflow run has finished,
+    and check that it stops with the interrupted error, leaving nothing of it running."""
+    log = repo.path.parent / "first.log"
+    with open(log, "w") as out:
+        # Its own process group, which gets the SIGINT, as a terminal's Ctrl-C reaches the foreground group.
+        first = subprocess.Popen(command, cwd=repo.path, env=repo.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        deadline = time.monotonic() + 150
+        while finished_point_runs(repo.path / "mlflow.db") == 0:
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        os.killpg(first.pid, signal.SIGINT)
+        assert first.wait(timeout=60) == 1
+    assert "error: interrupted: " in log.read_text()
+    assert processes_of_this_test_in(repo.path) == []
 
 
 @pytest.fixture

@@ -1,12 +1,8 @@
 """The noise comparison command: its grid, and a real interrupted-and-resumed run over noise kinds."""
 
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 import mlflow
@@ -17,7 +13,7 @@ from stages.params import ParamsError
 from stages.track import find_point_run, flatten
 from sweeps.grid import apply_overrides, is_pretraining_key, parse_set, set_args
 from sweeps.noise import LEVELS, grid_points, is_grid_key
-from tests.conftest import ROOT, finished_point_runs, processes_of_this_test_in
+from tests.conftest import ROOT, interrupt_after_the_first_finished_point
 
 
 def default_raw() -> dict:
@@ -106,18 +102,7 @@ def test_the_noise_sweep_resumes_after_an_interruption_without_retraining_a_fini
     """No noise (masking at 0) and Gaussian noise on digits, one worker; Ctrl-C once the first has finished."""
     repo = pipeline_repo
     command = [sys.executable, "-m", "sweeps.noise", "--datasets", "digits", "--kinds", "gaussian", "--gaussian", "0.3", "--jobs", "1", "--id", "n"]
-    log = repo.path.parent / "first.log"
-    with open(log, "w") as out:
-        first = subprocess.Popen(command, cwd=repo.path, env=repo.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-        deadline = time.monotonic() + 150
-        while finished_point_runs(repo.path / "mlflow.db") == 0:
-            assert first.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        os.killpg(first.pid, signal.SIGINT)
-        assert first.wait(timeout=60) == 1
-    assert "error: interrupted: " in log.read_text()
-    assert processes_of_this_test_in(repo.path) == []
+    interrupt_after_the_first_finished_point(repo, command)
     client = mlflow.MlflowClient(f"sqlite:///{repo.path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("sda-pipeline").experiment_id
     before = {r.info.run_id for r in client.search_runs([experiment], "attributes.status = 'FINISHED'")}

@@ -1,12 +1,8 @@
 """The Table 1 command: its grid, selection and verdicts, and a real interrupted-and-resumed run."""
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 
 import mlflow
 import pytest
@@ -17,7 +13,7 @@ from stages.params import ParamsError
 from sweeps.dvc_queue import SweepError
 from sweeps.grid import check_disk, parse_set as parse_any_set
 from sweeps.table1 import DATASET_GRID, GRID, GRID_OPTIONS, PAPER, grid_points, is_grid_key, select, verdict
-from tests.conftest import ROOT, finished_point_runs, processes_of_this_test_in
+from tests.conftest import ROOT, interrupt_after_the_first_finished_point, processes_of_this_test_in
 
 
 def parse_set(pairs):
@@ -100,19 +96,7 @@ def test_the_table_resumes_after_an_interruption_without_retraining_a_finished_p
     repo = pipeline_repo
     command = [sys.executable, "-m", "sweeps.table1", "--datasets", "digits", "--nu", "0.25", "--pretrain-epochs", "3",
                "--pretrain-lr", "0.1", "--finetune-lr", "0.5", "1000", "--jobs", "1", "--id", "t"]
-    log = repo.path.parent / "first.log"
-    with open(log, "w") as out:
-        # Its own process group, which gets the SIGINT, as a terminal's Ctrl-C reaches the foreground group.
-        first = subprocess.Popen(command, cwd=repo.path, env=repo.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-        deadline = time.monotonic() + 150
-        while finished_point_runs(repo.path / "mlflow.db") == 0:
-            assert first.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        os.killpg(first.pid, signal.SIGINT)
-        assert first.wait(timeout=60) == 1
-    assert "error: interrupted: " in log.read_text()
-    assert processes_of_this_test_in(repo.path) == []
+    interrupt_after_the_first_finished_point(repo, command)
     client = mlflow.MlflowClient(f"sqlite:///{repo.path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("sda-pipeline").experiment_id
     before = {r.info.run_id for r in client.search_runs([experiment], "attributes.status = 'FINISHED'")}
