@@ -42,7 +42,7 @@ from sweeps.report import filter_figure
 
 LEVELS = {"masking": [0.1, 0.25, 0.4], "salt_pepper": [0.1, 0.25, 0.4], "gaussian": [0.1, 0.3, 0.5]}
 EMPHASIS = (1.0, 0.5)  # (alpha, beta): the journal's emphasised loss
-SHORT = {"masking": "mask", "salt_pepper": "sp", "gaussian": "gauss"}
+LABEL_PREFIX = {"masking": "mask", "salt_pepper": "sp", "gaussian": "gauss"}
 # JMLR 2010 (../shared/paper/tables.md, README "Later noises"): test error % of SAE-3 and of the
 # best SDAE-3 per kind where the journal gives one.
 JOURNAL = {
@@ -90,20 +90,20 @@ def grid_points(raw: dict, datasets: list[str], levels: dict[str, list[float]], 
                 combos.append((kind, level, emphasis))
     points = []
     for dataset in datasets:
-        for kind, level, emph in combos:
+        for kind, level, emphasised in combos:
             overrides = {"data.dataset": dataset, "engine": "autograd", **extra,
-                         **noise_overrides(raw, "masking" if kind == "none" else kind, level, emph)}
-            label = "none" if kind == "none" else f"{SHORT[kind]}{level:g}".replace(".", "p") + ("-emph" if emph else "")
+                         **noise_overrides(raw, "masking" if kind == "none" else kind, level, emphasised)}
+            label = "none" if kind == "none" else f"{LABEL_PREFIX[kind]}{level:g}".replace(".", "p") + ("-emph" if emphasised else "")
             try:
                 candidate = apply_overrides(raw, overrides)
             except ParamsError as err:
-                raise ParamsError(f"{dataset}, {kind} {level:g}{' emphasised' if emph else ''}: {err}") from err
+                raise ParamsError(f"{dataset}, {kind} {level:g}{' emphasised' if emphasised else ''}: {err}") from err
             points.append({"label": f"{dataset}-{label}", "dataset": dataset, "kind": kind, "level": level,
-                           "emphasis": emph, "overrides": overrides, "params": flatten(candidate)})
+                           "emphasis": emphasised, "overrides": overrides, "params": flatten(candidate)})
     return points
 
 
-def describe(row: dict) -> str:
+def describe_noise(row: dict) -> str:
     if row["kind"] == "none":
         return "no noise"
     name = f"{row['kind']} {'sigma' if row['kind'] == 'gaussian' else 'nu'} {row['level']:g}"
@@ -116,7 +116,7 @@ def best_of_kind(rows: list[dict], kind: str) -> dict | None:
     return min(mine, key=lambda r: (r["valid_error"], r["level"], bool(r["emphasis"]))) if mine else None
 
 
-def cell(row: dict | None) -> str:
+def error_with_ci(row: dict | None) -> str:
     return f"{100 * row['test_error']:.2f} +- {100 * row['test_error_ci95']:.2f}" if row else "-"
 
 
@@ -131,11 +131,11 @@ def report_lines(noise_id: str, rows: list[dict], kinds: list[str], failed: dict
         winner = min((r for r in chosen.values() if r), key=lambda r: r["valid_error"])
         for kind, row in chosen.items():
             journal = JOURNAL.get(dataset, {}).get(kind)
-            selected = f"{describe(row)} ({100 * row['valid_error']:.2f})" if row else "no point finished"
-            lines.append(f"| {dataset} | {'none (SAE-3)' if kind == 'none' else kind} | {selected} | {cell(row)} | "
+            selected = f"{describe_noise(row)} ({100 * row['valid_error']:.2f})" if row else "no point finished"
+            lines.append(f"| {dataset} | {'none (SAE-3)' if kind == 'none' else kind} | {selected} | {error_with_ci(row)} | "
                          f"{f'{journal:.2f}' if journal else '-'} | {'**yes**' if row is winner else ''} |")
     lines += ["", "## Every point", "", "| dataset | noise | valid error % | test error % | DVC experiment |", "|---|---|---|---|---|"]
-    lines += [f"| {r['dataset']} | {describe(r)} | {100 * r['valid_error']:.2f} | {cell(r)} | {r['experiment']} |" for r in rows]
+    lines += [f"| {r['dataset']} | {describe_noise(r)} | {100 * r['valid_error']:.2f} | {error_with_ci(r)} | {r['experiment']} |" for r in rows]
     lines += ["", "## Failed points", "", *([f"- {name}: {why}" for name, why in failed.items()] or ["None."]), "",
               f"Wall time of this command: {wall / 60:.1f} min ({sum(not r['restored'] for r in rows)} points run, "
               f"{sum(r['restored'] for r in rows)} restored from the MLflow store, {len(failed)} failed)."]
@@ -225,10 +225,10 @@ def main() -> None:
     if rows:
         plot_error_by_noise(rows, report / "test_error_by_noise.png")
     with tempfile.TemporaryDirectory() as tmp:  # the first dataset's filters, plain loss: the journal's figure
-        first = [r for r in rows if r["dataset"] == args.datasets[0] and not r["emphasis"]]
+        plain_rows = [r for r in rows if r["dataset"] == args.datasets[0] and not r["emphasis"]]
         for kind in levels:
             images = {r["level"]: download_artifact(r["run_id"], "models/pretrain/layer1/filters.png", Path(tmp) / r["experiment"])
-                      for r in first if r["kind"] in ("none", kind)}
+                      for r in plain_rows if r["kind"] in ("none", kind)}
             filter_figure(images, report, levels=sorted(images), name=f"filters_{kind}", caption=f"{kind} level")
     parent = log_sweep(noise_id, {name: r.info.run_id for name, r in found.items()}, report,
                        {"kind_of_sweep": "noise", "datasets": ",".join(args.datasets)})
