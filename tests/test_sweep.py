@@ -23,17 +23,17 @@ def ablate(repo, *args):
     return repo.run(sys.executable, "-m", "sweeps.ablate", *args)
 
 
-def test_a_three_point_sweep_with_two_workers(pipeline_repo):
+def test_a_two_point_sweep_with_two_workers(pipeline_repo):
     repo = pipeline_repo
     assert not (repo.path / "mlflow.db").exists()
-    done = ablate(repo, "--nu", "0", "0.25", "0.5", "--layers", "layer3", "--jobs", "2", "--sweep-id", "s1")
+    done = ablate(repo, "--nu", "0", "0.5", "--layers", "layer3", "--jobs", "2", "--sweep-id", "s1")
     assert "2 workers x 1 torch threads" in done.stdout
     assert repo_processes(repo.path) == []  # no queue worker outlives the sweep
     status = repo.run("dvc", "queue", "status").stdout
     assert "Worker status: 0 active, 0 idle" in status, status
 
     client, runs = point_runs(repo)
-    assert sorted(float(r.data.params["pretrain.layer3.corruption"]) for r in runs) == [0.0, 0.25, 0.5]
+    assert sorted(float(r.data.params["pretrain.layer3.corruption"]) for r in runs) == [0.0, 0.5]
     for run in runs:
         tags = run.data.tags
         assert tags["sweep_id"] == "s1" and tags["dataset"] == "digits"
@@ -47,23 +47,23 @@ def test_a_three_point_sweep_with_two_workers(pipeline_repo):
     for layer in ("layer1", "layer2"):
         assert len({r.data.metrics[f"pretrain.{layer}.seconds"] for r in runs}) == 1
         assert len({r.data.tags[f"dvc_stage.pretrain@{layer}"] for r in runs}) == 1
-    assert len({r.data.tags["dvc_stage.pretrain@layer3"] for r in runs}) == 3
-    for name in ("s1-nu0", "s1-nu0p25", "s1-nu0p5"):
+    assert len({r.data.tags["dvc_stage.pretrain@layer3"] for r in runs}) == 2
+    for name in ("s1-nu0", "s1-nu0p5"):
         log = repo.run("dvc", "queue", "logs", name).stdout
         assert "Stage 'pretrain@layer1' is cached - skipping run" in log
         assert "Running stage 'pretrain@layer3'" in log and "on cpu (1 thread, float32 products by " in log
 
     report = repo.path / "reports/sweeps/s1"
     table = json.loads((report / "table.json").read_text())
-    assert [row["nu"] for row in table] == [0.0, 0.25, 0.5]
+    assert [row["nu"] for row in table] == [0.0, 0.5]
     assert (report / "test_error_vs_nu.png").read_bytes()[:4] == b"\x89PNG"
     assert not (report / "filters_by_nu.png").exists()  # layer1 was not swept: its filters do not vary
     shown = repo.run("dvc", "exp", "show", "--json").stdout
-    assert "s1-nu0p25" in shown
+    assert "s1-nu0p5" in shown
 
     # The same sweep again: every point is found in the store, nothing runs and no run is duplicated.
-    again = ablate(repo, "--nu", "0", "0.25", "0.5", "--layers", "layer3", "--jobs", "2", "--sweep-id", "s2")
-    assert "3 of 3 points have a finished MLflow run already; running 0" in again.stdout
+    again = ablate(repo, "--nu", "0", "0.5", "--layers", "layer3", "--jobs", "2", "--sweep-id", "s2")
+    assert "2 of 2 points have a finished MLflow run already; running 0" in again.stdout
     assert "dvc exp run" not in again.stdout
     _, again = point_runs(repo)
     assert sorted(r.info.run_id for r in again) == sorted(r.info.run_id for r in runs)
@@ -79,15 +79,16 @@ def test_sweeping_the_first_layer_draws_the_filter_figure_from_one_initialisatio
     assert (report / "filters_by_nu.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_four_points_two_workers_and_no_store_beforehand_lose_and_duplicate_nothing(pipeline_repo):
-    """Plain DVC, without the sweep command creating the store first: track's lock must hold."""
+def test_two_workers_and_no_store_beforehand_lose_and_duplicate_nothing(pipeline_repo):
+    """Plain DVC, without the sweep command creating the store first: track's lock must hold. Two
+    points on two workers run side by side, so both create the store at about the same time."""
     repo = pipeline_repo
-    for nu in ("0.05", "0.15", "0.3", "0.45"):
+    for nu in ("0.05", "0.45"):
         repo.run("dvc", "exp", "run", "--queue", "-S", f"pretrain.layer2.corruption={nu}")
     assert not (repo.path / "mlflow.db").exists()
     repo.run("dvc", "exp", "run", "--run-all", "--jobs", "2")
     _, runs = point_runs(repo)
-    assert sorted(r.data.params["pretrain.layer2.corruption"] for r in runs) == ["0.05", "0.15", "0.3", "0.45"]
+    assert sorted(r.data.params["pretrain.layer2.corruption"] for r in runs) == ["0.05", "0.45"]
     with sqlite3.connect(repo.path / "mlflow.db") as db:
         assert db.execute("pragma integrity_check").fetchall() == [("ok",)]
 
