@@ -19,7 +19,7 @@ import yaml
 from sda.device import usable_cores
 from sda.generators import SPLIT_SIZES
 from stages.params import ParamsError, parse_params
-from stages.track import find_point_run, finished_runs, open_store
+from stages.track import find_point_run, finished_runs, log_sweep, open_store
 from sweeps.dvc_queue import SweepError, dvc, queue_entries, remove_queue_entries, run_queue, stop_signals_interrupt
 
 
@@ -230,3 +230,15 @@ def run_batch(batch: list[str], points: dict[str, dict], jobs: int, threads: int
 
 def default_threads(jobs: int) -> int:
     return max(1, usable_cores() // jobs)
+
+
+def publish_report(sweep_id: str, found: dict[str, object], report_dir: Path, tags: dict[str, str], lines: list[str],
+                   failed: int) -> None:
+    """Log the report as the MLflow parent run of the points in ``found``, print it, and say where
+    it is and how to retry the ``failed`` points."""
+    parent = log_sweep(sweep_id, {name: r.info.run_id for name, r in found.items()}, report_dir, tags)
+    print("\n".join(lines))
+    files = ", ".join(sorted(path.name for path in report_dir.iterdir()))
+    print(f"report: {report_dir}/ ({files}); MLflow: parent run {parent} with {len(found)} child runs")
+    if failed:
+        print(f"{failed} points failed (listed in the report); running the command again retries them")

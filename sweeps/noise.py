@@ -35,9 +35,9 @@ from sda.data import DATASETS
 from sda.noise import NOISE_KINDS
 from stages.common import run
 from stages.params import ParamsError, load_params
-from stages.track import download_artifact, flatten, log_sweep
+from stages.track import download_artifact, flatten
 from sweeps.dvc_queue import SweepError
-from sweeps.grid import apply_overrides, check_disk, default_threads, parse_set, run_points
+from sweeps.grid import apply_overrides, check_disk, default_threads, parse_set, publish_report, run_points
 from sweeps.report import filter_figure
 
 LEVELS = {"masking": [0.1, 0.25, 0.4], "salt_pepper": [0.1, 0.25, 0.4], "gaussian": [0.1, 0.3, 0.5]}
@@ -230,12 +230,7 @@ def main() -> None:
             images = {r["level"]: download_artifact(r["run_id"], "models/pretrain/layer1/filters.png", Path(tmp) / r["experiment"])
                       for r in plain_rows if r["kind"] in ("none", kind)}
             filter_figure(images, report, levels=sorted(images), name=f"filters_{kind}", caption=f"{kind} level")
-    parent = log_sweep(noise_id, {name: r.info.run_id for name, r in found.items()}, report,
-                       {"kind_of_sweep": "noise", "datasets": ",".join(args.datasets)})
-    print("\n".join(lines))
-    print(f"report: {report}/; MLflow: parent run {parent} with {len(found)} child runs")
-    if failed:
-        print(f"{len(failed)} points failed (listed in the report); running the command again retries them")
+    publish_report(noise_id, found, report, {"kind_of_sweep": "noise", "datasets": ",".join(args.datasets)}, lines, len(failed))
 
 
 if __name__ == "__main__":

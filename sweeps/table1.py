@@ -36,9 +36,9 @@ from sda.data import DATASETS
 from sda.generators import BENCHMARKS
 from stages.common import run
 from stages.params import ParamsError, load_params
-from stages.track import flatten, log_sweep
+from stages.track import flatten
 from sweeps.dvc_queue import SweepError
-from sweeps.grid import apply_overrides, check_disk, default_threads, parse_set, run_points
+from sweeps.grid import apply_overrides, check_disk, default_threads, parse_set, publish_report, run_points
 
 # ICML 2008 Table 1 (../shared/paper/tables.md): test error %, half-width of the 95% CI, SdA-3's nu.
 PAPER = {
@@ -333,12 +333,7 @@ def main() -> None:
     save_json(report / "table1.json", {"id": table_id, "grid": {d: {"axes": a, "fixed": f} for d, (a, f) in grids.items()},
                                        "nu": [0.0, *args.nu], "datasets": summaries, "points": rows, "failed": failed, "wall_seconds": round(wall, 1)})
     plot_table_against_nu(summaries, rows, report / "test_error_vs_nu.png")
-    parent = log_sweep(table_id, {name: r.info.run_id for name, r in found.items()}, report,
-                       {"kind_of_sweep": "table1", "datasets": ",".join(args.datasets)})
-    print("\n".join(lines))
-    print(f"report: {report}/ (table1.md, table1.json, test_error_vs_nu.png); MLflow: parent run {parent} with {len(found)} child runs")
-    if failed:
-        print(f"{len(failed)} points failed (listed in the report); running the command again retries them")
+    publish_report(table_id, found, report, {"kind_of_sweep": "table1", "datasets": ",".join(args.datasets)}, lines, len(failed))
 
 
 if __name__ == "__main__":
