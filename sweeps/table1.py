@@ -7,7 +7,10 @@ Per dataset, the grid: nu in {0, 0.1, 0.25, 0.4} (the same in every layer; 0 is 
 with pretraining epochs per layer, pretraining rate and fine-tuning rate (GRID, and each dataset's
 own epochs in DATASET_GRID; mnist-basic also fine-tunes at 1.0, as SAA-3 diverges at 2.0). Everything
 else is params.yaml, or --set. SAA-3 is the best point at nu = 0 and SdA-3 the best at nu > 0,
-both by validation error; the test split is only reported. Each point is a DVC experiment run by
+both by validation error; the test split is only reported. Then, round after round, where a
+selection is the last value tried along an axis, the next value past it on the axis's ladder (LADDERS)
+runs, the other coordinates as selected, until every selected value has both neighbours tried or
+sits at the end of the JMLR 2010 range (--past-edges, --rounds). Each point is a DVC experiment run by
 parallel queue workers and one MLflow run; the points that differ only in fine-tuning rate share
 their pretrained layers: the first fine-tuning rate's points run first and train them, the others
 restore them from DVC's run-cache.
@@ -20,7 +23,8 @@ the command checks that the disk can hold what DVC's cache will gain.
 
 Writes reports/table1/<id>/: table1.md (ours beside the paper's, inside / better / worse than the
 paper's 95% CI; the grid; the selected points; the failed points; the error by pretraining
-budget; the cost: points run, restored and failed, minutes per point by dataset, wall time),
+budget; the points past the edges and where each selection sits on each axis; the cost: points run,
+restored and failed, minutes per point by dataset, wall time),
 table1.json, test_error_vs_nu.png; all under one MLflow parent run.
 """
 
@@ -55,13 +59,11 @@ NU = (0.1, 0.25, 0.4)  # SdA-3's candidates; nu = 0 (SAA-3) always runs
 # Inside the JMLR 2010 ranges: pretraining lr 5e-6..0.1, fine-tuning lr 5e-4..0.2 per example
 # (ours are batch means: 2.0 at batch 20 is 0.1 per example), 5-300 pretraining epochs.
 GRID = {"pretrain_epochs": [15, 30], "pretrain_lr": [0.1], "finetune_lr": [2.0]}
+AXES = ("pretrain_epochs", "pretrain_lr", "finetune_lr")
 DATASET_GRID = {
-    # Pretraining epochs: {15, 30}, and past each edge where a selection (SAA-3's or SdA-3's) sat on
-    # {15, 30}, the next value: 5 below 15, 60 above 30 (the {15, 30} table's selections are in
-    # docs/results.md, 2026-12-07). Not on mnist-bg-img, mnist-rot-bg-img and rect-img, whose
-    # regenerated images make them easier than the originals (both methods 3-11 points below the
-    # paper): only within-row comparisons hold there, and {15, 30} is what was run. convex, easier
-    # too, is extended: it is where the paper's SdA-3 lost to SAA-3.
+    # Pretraining epochs: {15, 30}, and, for every nu, the next value past each edge where a
+    # selection (SAA-3's or SdA-3's) sat on {15, 30}: 5 below 15, 60 above 30 (the {15, 30} table's
+    # selections are in docs/results.md, 2026-12-07). The rounds past the edges extend the rest.
     # SAA-3's fine-tuning diverges at 2.0 on mnist-basic (a training failure, seen before any
     # validation): the next rate down is tried there for every nu.
     "mnist-basic": {"pretrain_epochs": [5, 15, 30, 60], "finetune_lr": [2.0, 1.0]},
@@ -73,6 +75,18 @@ DATASET_GRID = {
     # them), and fine-tuning long enough to leave chance.
     "rect": {"pretrain_epochs": [15, 50, 150, 300], "finetune.max_epochs": 300, "finetune.patience": 50},
 }
+# Where a selected point is the last value tried along an axis, the command tries the next value
+# of the axis's ladder past it, with the other coordinates as selected, and again until no
+# selection is at an edge: so every selected value has both neighbours tried, or sits at the end of
+# the JMLR 2010 range, where the ladders end. As batch means at the default batch sizes (32 in
+# pretraining, 20 in fine-tuning), those ranges are pretraining lr 1.6e-4..3.2, fine-tuning lr
+# 0.01..4.0; the rates step by about 3 and by 2 from params.yaml's 0.1 and 2.0.
+LADDERS = {
+    "pretrain_epochs": [5, 15, 30, 60, 120, 300],
+    "pretrain_lr": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
+    "finetune_lr": [0.015625, 0.03125, 0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0],
+}
+DATASET_LADDERS = {"rect": {"pretrain_epochs": [5, 15, 50, 150, 300]}}
 
 
 def dataset_grid(dataset: str, chosen: dict[str, list]) -> tuple[dict[str, list], dict[str, object]]:
@@ -87,33 +101,80 @@ def label(value: float) -> str:
     return f"{value:g}".replace(".", "p").replace("-", "m")
 
 
+def make_point(raw: dict, dataset: str, fixed: dict[str, object], nu: float, epochs: int, pretrain_lr: float,
+               finetune_lr: float, phase: int = 0) -> dict:
+    """One point: its name part, -S overrides, full params and phase (points of a later phase run
+    after, and may restore the layers of, an earlier phase's)."""
+    overrides = {"data.dataset": dataset, **fixed, "finetune.lr": finetune_lr}
+    for layer in raw["pretrain"]:
+        overrides.update({f"pretrain.{layer}.corruption": nu, f"pretrain.{layer}.epochs": epochs,
+                          f"pretrain.{layer}.lr": pretrain_lr})
+    try:
+        candidate = apply_overrides(raw, overrides)
+    except ParamsError as err:
+        raise ParamsError(f"{dataset}, nu {nu:g}, {epochs} epochs, lr {pretrain_lr:g}/{finetune_lr:g}: {err}") from err
+    return {"label": f"{dataset}-nu{label(nu)}-e{epochs}-plr{label(pretrain_lr)}-flr{label(finetune_lr)}",
+            "dataset": dataset, "nu": nu, "pretrain_epochs": epochs, "pretrain_lr": pretrain_lr,
+            "finetune_lr": finetune_lr, "overrides": overrides, "params": flatten(candidate), "phase": phase}
+
+
 def grid_points(raw: dict, datasets: list[str], nus: list[float], chosen: dict[str, list],
                 extra: dict[str, object] | None = None) -> list[dict]:
-    """Every point of every dataset's grid: its name part, -S overrides, full params and phase.
-    ``extra``: overrides for every point (the command's --set), over the dataset's own."""
-    layers = list(raw["pretrain"])
+    """Every point of every dataset's grid. ``extra``: overrides for every point (the command's
+    --set), over the dataset's own."""
     points = []
     for dataset in datasets:
         axes, fixed = dataset_grid(dataset, chosen)
         fixed.update(extra or {})
         for nu, epochs, pretrain_lr, finetune_lr in itertools.product(
                 [0.0, *nus], axes["pretrain_epochs"], axes["pretrain_lr"], axes["finetune_lr"]):
-            overrides = {"data.dataset": dataset, **fixed, "finetune.lr": finetune_lr}
-            for layer in layers:
-                overrides.update({f"pretrain.{layer}.corruption": nu, f"pretrain.{layer}.epochs": epochs,
-                                  f"pretrain.{layer}.lr": pretrain_lr})
-            try:
-                candidate = apply_overrides(raw, overrides)
-            except ParamsError as err:
-                raise ParamsError(f"{dataset}, nu {nu:g}, {epochs} epochs, lr {pretrain_lr:g}/{finetune_lr:g}: {err}") from err
-            points.append({
-                "label": f"{dataset}-nu{label(nu)}-e{epochs}-plr{label(pretrain_lr)}-flr{label(finetune_lr)}",
-                "dataset": dataset, "nu": nu, "pretrain_epochs": epochs, "pretrain_lr": pretrain_lr,
-                "finetune_lr": finetune_lr, "overrides": overrides, "params": flatten(candidate),
-                # The first fine-tuning rate's points train the layers the others restore.
-                "phase": axes["finetune_lr"].index(finetune_lr),
-            })
+            # The first fine-tuning rate's points train the layers the others restore.
+            points.append(make_point(raw, dataset, fixed, nu, epochs, pretrain_lr, finetune_lr,
+                                     phase=axes["finetune_lr"].index(finetune_lr)))
     return points
+
+
+def ladder(dataset: str, axis: str) -> list:
+    return DATASET_LADDERS.get(dataset, {}).get(axis, LADDERS[axis])
+
+
+def along(point: dict, axis: str, points: list[dict]) -> list[dict]:
+    """The points on ``point``'s line along ``axis``: same dataset and nu, the other axes equal."""
+    return [p for p in points if p["dataset"] == point["dataset"] and p["nu"] == point["nu"]
+            and all(p[other] == point[other] for other in AXES if other != axis)]
+
+
+def edges(point: dict, tried: list[dict]) -> dict[str, dict]:
+    """Per axis, where a selected ``point`` sits among the values ``tried`` along it (finished and
+    failed points alike: a diverged rate was tried): its value, the values tried, and the next
+    ladder value past each side it is the last of (None where the ladder, the JMLR range, ends)."""
+    found = {}
+    for axis in AXES:
+        values = sorted({p[axis] for p in along(point, axis, tried)})
+        steps = ladder(point["dataset"], axis)
+        past = {}
+        if point[axis] == values[-1]:
+            past["up"] = next((v for v in steps if v > values[-1]), None)
+        if point[axis] == values[0]:
+            past["down"] = next((v for v in reversed(steps) if v < values[0]), None)
+        found[axis] = {"value": point[axis], "tried": values, "past": past}
+    return found
+
+
+def points_past_edges(summaries: list[dict], tried: list[dict]) -> list[dict]:
+    """For SAA-3's and SdA-3's selected point on every dataset, each axis on which it is the last
+    value tried: the coordinates of the next value past it (the other coordinates as selected)."""
+    wanted = {}
+    for summary in summaries:
+        for method, chosen in (("SAA-3", summary["saa3"]), ("SdA-3", summary["sda3"])):
+            if chosen is None:
+                continue
+            for axis, edge in edges(chosen, tried).items():
+                for value in filter(None, edge["past"].values()):
+                    coordinates = {key: chosen[key] for key in ("dataset", "nu", *AXES)} | {axis: value}
+                    wanted.setdefault(tuple(coordinates.values()),
+                                      coordinates | {"axis": axis, "why": f"{method} past {axis} {chosen[axis]:g}"})
+    return list(wanted.values())
 
 
 GRID_OPTIONS = "--datasets, --nu, --pretrain-epochs, --pretrain-lr, --finetune-lr"
@@ -266,6 +327,41 @@ def plot_table_against_nu(summaries: list[dict], rows: list[dict], path: Path) -
     plt.close(fig)
 
 
+def point_rows(points: list[dict], found: dict[str, object]) -> list[dict]:
+    """One row per finished point: its coordinates, MLflow run, errors and seconds."""
+    rows = []
+    for point in points:
+        if point["experiment"] not in found:
+            continue
+        mlrun = found[point["experiment"]]
+        m = mlrun.data.metrics
+        rows.append({key: point[key] for key in ("dataset", "nu", *AXES, "restored")} | {
+            "experiment": point["experiment"], "past_edge": point.get("why"), "run_id": mlrun.info.run_id,
+            "valid_error": m["valid_error"], "test_error": m["test_error"], "test_error_ci95": m["test_error_ci95"],
+            "finetune_seconds": m["finetune.seconds"], "finetune_epochs": int(m["finetune.epochs_run"]),
+            "finetune_max_epochs": int(point["params"]["finetune.max_epochs"]),
+            "pretrain_seconds": sum(v for k, v in m.items() if k.startswith("pretrain.") and k.endswith(".seconds"))})
+    return rows
+
+
+def edge_table(summaries: list[dict], tried: list[dict]) -> list[str]:
+    """Per selected point and axis: the values tried along it, and whether a neighbour is untried."""
+    lines = ["| dataset | method | " + " | ".join(AXES) + " |", "|---|---|" + "---|" * len(AXES)]
+    for summary in summaries:
+        for method, chosen in (("SAA-3", summary["saa3"]), ("SdA-3", summary["sda3"])):
+            if chosen is None:
+                continue
+            cells = []
+            for edge in edges(chosen, tried).values():
+                untried = [f"{value:g}" for value in edge["past"].values() if value is not None]
+                ends = [side for side, value in edge["past"].items() if value is None]
+                cells.append(f"**{edge['value']:g}** of {', '.join(f'{v:g}' for v in edge['tried'])}"
+                             + (f"; {' and '.join(untried)} untried" if untried else "")
+                             + (f"; the range ends ({' and '.join(ends)})" if ends else ""))
+            lines.append(f"| {summary['dataset']} | {method} (nu {chosen['nu']:g}) | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(BENCHMARKS), choices=DATASETS, metavar="NAME",
@@ -275,6 +371,12 @@ def main() -> None:
                         + "; ".join(f"{d} {g['pretrain_epochs']}" for d, g in DATASET_GRID.items() if "pretrain_epochs" in g) + ")")
     parser.add_argument("--pretrain-lr", type=float, nargs="+", help=f"pretraining rates, every dataset (default: {GRID['pretrain_lr']})")
     parser.add_argument("--finetune-lr", type=float, nargs="+", help=f"fine-tuning rates, every dataset; the first trains the layers the others share (default: {GRID['finetune_lr']})")
+    parser.add_argument("--past-edges", nargs="*", choices=AXES, default=list(AXES), metavar="AXIS",
+                        help="axes on which a selection that is the last value tried gets the next value past it, round after "
+                             f"round (default: all of {', '.join(AXES)}; none: the grid only). Ladders: "
+                             + "; ".join(f"{axis} {values}" for axis, values in LADDERS.items()) + "; rect's epochs "
+                             + str(DATASET_LADDERS["rect"]["pretrain_epochs"]))
+    parser.add_argument("--rounds", type=int, help="at most this many rounds past the edges (default: until no selection is at an edge)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="a params.yaml value for every point, e.g. finetune.max_epochs=100 (not a grid axis: dataset, nu, epochs, rates)")
     parser.add_argument("--jobs", "-j", type=int, default=2, help="parallel queue workers (default: %(default)s)")
@@ -283,6 +385,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.jobs < 1:
         raise ParamsError(f"--jobs: must be an integer >= 1, got {args.jobs}")
+    if args.rounds is not None and args.rounds < 0:
+        raise ParamsError(f"--rounds: must be an integer >= 0, got {args.rounds}")
     if any(nu <= 0 for nu in args.nu) or len(set(args.nu)) != len(args.nu):
         raise ParamsError(f"--nu: SdA-3's candidates must be distinct and > 0 (nu = 0 is SAA-3, always run), got {args.nu}")
     chosen = {"pretrain_epochs": args.pretrain_epochs, "pretrain_lr": args.pretrain_lr, "finetune_lr": args.finetune_lr}
@@ -293,45 +397,64 @@ def main() -> None:
     load_params()  # params.yaml itself must be valid before anything is queued
     raw = yaml.safe_load(Path("params.yaml").read_text())
     table_id = args.id or time.strftime("table1-%Y%m%d-%H%M%S")
-    points = grid_points(raw, args.datasets, args.nu, chosen, parse_set(args.set, is_grid_key, GRID_OPTIONS))
+    extra = parse_set(args.set, is_grid_key, GRID_OPTIONS)
+    points = grid_points(raw, args.datasets, args.nu, chosen, extra)
     shared = [("prepare", {"data.dataset": dataset}) for dataset in args.datasets]
 
     print(f"Table 1 `{table_id}`: {len(points)} points; interrupted, run it again with --id {table_id}", flush=True)
     check_disk(points)
     started = time.perf_counter()
     found, why = run_points(table_id, points, shared, args.jobs, args.threads or default_threads(args.jobs), keep_going=True)
+    rounds = 0
+    while args.past_edges and (args.rounds is None or rounds < args.rounds):
+        # Each round is decided by the finished runs alone, so a re-run takes the same rounds and
+        # finds their points finished.
+        rows = point_rows(points, found)
+        tried = [*rows, *[p for p in points if p["experiment"] in why]]
+        summaries = [summarise(dataset, [r for r in rows if r["dataset"] == dataset]) for dataset in args.datasets]
+        wanted = [c for c in points_past_edges(summaries, tried) if c["axis"] in args.past_edges]
+        if not wanted:
+            break
+        rounds += 1
+        fixed = {dataset: dataset_grid(dataset, chosen)[1] | extra for dataset in args.datasets}
+        new = [make_point(raw, c["dataset"], fixed[c["dataset"]], c["nu"], c["pretrain_epochs"], c["pretrain_lr"], c["finetune_lr"])
+               | {"why": c["why"]} for c in wanted]
+        print(f"past the edges, round {rounds}: {len(new)} points\n" + "\n".join(f"  {p['label']} ({p['why']})" for p in new), flush=True)
+        check_disk(new)
+        more_found, more_why = run_points(table_id, new, shared, args.jobs, args.threads or default_threads(args.jobs), keep_going=True)
+        points += new
+        found.update(more_found)
+        why.update(more_why)
     wall = time.perf_counter() - started
-    keys = ("dataset", "nu", "pretrain_epochs", "pretrain_lr", "finetune_lr")
-    failed = [{"experiment": p["experiment"], "why": why[p["experiment"]], **{k: p[k] for k in keys}} for p in points if p["experiment"] in why]
-    rows = []
-    for point in points:
-        if point["experiment"] not in found:
-            continue
-        name, mlrun = point["experiment"], found[point["experiment"]]
-        m = mlrun.data.metrics
-        rows.append({key: point[key] for key in ("dataset", "nu", "pretrain_epochs", "pretrain_lr", "finetune_lr", "restored")} | {
-            "experiment": name, "run_id": mlrun.info.run_id, "valid_error": m["valid_error"], "test_error": m["test_error"],
-            "test_error_ci95": m["test_error_ci95"], "finetune_seconds": m["finetune.seconds"],
-            "finetune_epochs": int(m["finetune.epochs_run"]), "finetune_max_epochs": int(point["params"]["finetune.max_epochs"]),
-            "pretrain_seconds": sum(v for k, v in m.items() if k.startswith("pretrain.") and k.endswith(".seconds"))})
 
+    failed = [{"experiment": p["experiment"], "why": why[p["experiment"]], **{k: p[k] for k in ("dataset", "nu", *AXES)}}
+              for p in points if p["experiment"] in why]
+    rows = point_rows(points, found)
     summaries = [summarise(dataset, [r for r in rows if r["dataset"] == dataset]) for dataset in args.datasets]
     grids = {dataset: dataset_grid(dataset, chosen) for dataset in args.datasets}
     grid_lines = [f"- {dataset}: nu {', '.join(f'{nu:g}' for nu in [0.0, *args.nu])} x pretraining epochs "
                   f"{axes['pretrain_epochs']} x pretraining lr {axes['pretrain_lr']} x fine-tuning lr {axes['finetune_lr']}"
                   + (f"; {', '.join(f'{k} {v}' for k, v in fixed.items())}" if fixed else "")
                   for dataset, (axes, fixed) in grids.items()]
+    past = [p for p in points if p.get("why")]
+    past_lines = ([f"{len(past)} points in {rounds} rounds, each the next value past a selection that was the last value "
+                   f"tried on its axis ({', '.join(args.past_edges)}):", ""]
+                  + [f"- {p['label']}: {p['why']}" for p in past]) if past else ["None."]
     lines = [f"# Table 1 reproduction `{table_id}`", "",
              "Test error % +- 95% CI. SAA-3: the best point at nu = 0, SdA-3: the best at nu > 0, both chosen on the "
              "validation error. inside / better / worse: our test error against the paper's 95% CI.", "",
-             *result_table(summaries), "", "## The grid", "", *grid_lines, "", "## Selected points", "",
-             *selection_table(summaries), "", "## Failed points", "", *failed_lines(failed), "",
+             *result_table(summaries), "", "## The grid", "", *grid_lines, "", "## Past the grid's edges", "", *past_lines, "",
+             "## Selected points", "", *selection_table(summaries), "", "## Where the selections sit",
+             "", "Per axis: the selected value (bold) among those tried with the other coordinates as selected "
+             "(failed points count as tried).", "", *edge_table(summaries, [*rows, *failed]), "",
+             "## Failed points", "", *failed_lines(failed), "",
              "## Budget", "", "The best point on validation per pretraining budget: test error % (valid error %).", "",
              *budget_table(rows), "", "## Cost", "", *cost_table(rows, failed, wall), ""]
     report = Path("reports/table1") / table_id
     save_text(report / "table1.md", "\n".join(lines))
     save_json(report / "table1.json", {"id": table_id, "grid": {d: {"axes": a, "fixed": f} for d, (a, f) in grids.items()},
-                                       "nu": [0.0, *args.nu], "datasets": summaries, "points": rows, "failed": failed, "wall_seconds": round(wall, 1)})
+                                       "past_edges": {"axes": args.past_edges, "rounds": rounds}, "nu": [0.0, *args.nu],
+                                       "datasets": summaries, "points": rows, "failed": failed, "wall_seconds": round(wall, 1)})
     plot_table_against_nu(summaries, rows, report / "test_error_vs_nu.png")
     publish_report(table_id, found, report, {"kind_of_sweep": "table1", "datasets": ",".join(args.datasets)}, lines, len(failed))
 

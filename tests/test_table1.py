@@ -12,7 +12,7 @@ from sda.generators import BENCHMARKS
 from stages.params import ParamsError
 from sweeps.dvc_queue import SweepError
 from sweeps.grid import check_disk, parse_set as parse_any_set
-from sweeps.table1 import DATASET_GRID, GRID, GRID_OPTIONS, PAPER, grid_points, is_grid_key, select, verdict
+from sweeps.table1 import DATASET_GRID, GRID, GRID_OPTIONS, PAPER, edges, grid_points, is_grid_key, points_past_edges, select, summarise, verdict
 from tests.conftest import ROOT, interrupt_after_the_first_finished_point, processes_of_this_test_in
 
 
@@ -83,6 +83,29 @@ def test_selection_uses_the_validation_error_only():
     assert select([r for r in rows if r["nu"] > 0], baseline=True) is None
 
 
+def test_a_selection_that_is_the_last_value_tried_on_an_axis_gets_the_next_value_past_it():
+    def point(nu, epochs, pretrain_lr, finetune_lr, valid):
+        return {"dataset": "rect", "nu": nu, "pretrain_epochs": epochs, "pretrain_lr": pretrain_lr, "finetune_lr": finetune_lr,
+                "valid_error": valid, "test_error": valid, "test_error_ci95": 0.01}
+
+    rows = [point(0.0, 15, 0.1, 2.0, 0.05), point(0.0, 50, 0.1, 2.0, 0.04),  # SAA-3: 50 epochs, the largest tried
+            point(0.0, 50, 0.03, 2.0, 0.06), point(0.0, 150, 0.03, 2.0, 0.01),  # off SAA-3's lines: no bearing on its edges
+            point(0.1, 15, 0.1, 4.0, 0.02), point(0.1, 15, 0.1, 2.0, 0.03), point(0.1, 5, 0.1, 4.0, 0.03)]  # SdA-3: rate 4, the top
+    failed = [{k: v for k, v in point(0.0, 50, 0.1, 4.0, None).items() if "error" not in k}]  # diverged: tried, not selectable
+    summary = summarise("rect", rows[:2] + rows[4:])
+    assert (summary["saa3"]["pretrain_epochs"], summary["sda3"]["finetune_lr"]) == (50, 4.0)
+    tried = [*rows, *failed]
+    saa = edges(summary["saa3"], tried)
+    assert saa["pretrain_epochs"] == {"value": 50, "tried": [15, 50], "past": {"up": 150}}  # rect's own epochs ladder
+    assert saa["pretrain_lr"] == {"value": 0.1, "tried": [0.03, 0.1], "past": {"up": 0.3}}
+    assert saa["finetune_lr"] == {"value": 2.0, "tried": [2.0, 4.0], "past": {"down": 1.0}}  # 4.0 diverged, yet was tried
+    assert edges(summary["sda3"], tried)["finetune_lr"]["past"] == {"up": None}  # 4.0 (0.2 per example) ends the JMLR range
+    wanted = {(c["nu"], c["pretrain_epochs"], c["pretrain_lr"], c["finetune_lr"]): c["why"] for c in points_past_edges([summary], tried)}
+    assert wanted == {(0.0, 150, 0.1, 2.0): "SAA-3 past pretrain_epochs 50", (0.0, 50, 0.3, 2.0): "SAA-3 past pretrain_lr 0.1",
+                      (0.0, 50, 0.1, 1.0): "SAA-3 past finetune_lr 2", (0.1, 15, 0.3, 4.0): "SdA-3 past pretrain_lr 0.1",
+                      (0.1, 15, 0.03, 4.0): "SdA-3 past pretrain_lr 0.1", (0.1, 50, 0.1, 4.0): "SdA-3 past pretrain_epochs 15"}
+
+
 @pytest.mark.parametrize("ours, expected", [((2.80, 0.14), "inside"), ((2.94, 0.1), "inside"), ((2.95, 0.1), "worse"),
                                             ((2.60, 0.1), "better")])
 def test_the_verdict_places_our_error_against_the_papers_interval(ours, expected):
@@ -90,12 +113,13 @@ def test_the_verdict_places_our_error_against_the_papers_interval(ours, expected
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(540)  # nine experiments and an interruption: over 300 s on 2 busy cores
+@pytest.mark.timeout(540)  # eleven experiments and an interruption: over 300 s on 2 busy cores
 def test_the_table_resumes_after_an_interruption_without_retraining_a_finished_point(pipeline_repo):
-    """Fine-tuning rate 0.5 runs first and trains the layers; at 1000 fine-tuning diverges: those points fail, listed."""
+    """Fine-tuning rate 0.5 runs first and trains the layers; at 1000 fine-tuning diverges: those points fail, listed.
+    0.5 is then the lowest rate tried where both selections sit: a round past that edge runs 0.25 for each."""
     repo = pipeline_repo
     command = [sys.executable, "-m", "sweeps.table1", "--datasets", "digits", "--nu", "0.25", "--pretrain-epochs", "3",
-               "--pretrain-lr", "0.1", "--finetune-lr", "0.5", "1000", "--jobs", "1", "--id", "t"]
+               "--pretrain-lr", "0.1", "--finetune-lr", "0.5", "1000", "--past-edges", "finetune_lr", "--rounds", "1", "--jobs", "1", "--id", "t"]
     interrupt_after_the_first_finished_point(repo, command)
     client = mlflow.MlflowClient(f"sqlite:///{repo.path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("sda-pipeline").experiment_id
@@ -105,17 +129,23 @@ def test_the_table_resumes_after_an_interruption_without_retraining_a_finished_p
     done = repo.run(*command)
     assert f"{len(before)} of 4 points have a finished MLflow run already; running {4 - len(before)}" in done.stdout
     runs = [r for r in client.search_runs([experiment], "attributes.status = 'FINISHED'") if r.data.tags.get("kind") != "sweep-report"]
-    assert len(runs) == 2 and before <= {r.info.run_id for r in runs}  # nothing re-trained, nothing duplicated
-    assert {(r.data.params["pretrain.layer1.corruption"], r.data.params["finetune.lr"]) for r in runs} == {("0.0", "0.5"), ("0.25", "0.5")}
-    # The second fine-tuning rate's points restored the layers the first one's trained, then diverged.
+    assert len(runs) == 4 and before <= {r.info.run_id for r in runs}  # nothing re-trained, nothing duplicated
+    assert {(r.data.params["pretrain.layer1.corruption"], r.data.params["finetune.lr"]) for r in runs} == {
+        ("0.0", "0.5"), ("0.25", "0.5"), ("0.0", "0.25"), ("0.25", "0.25")}
+    # The second fine-tuning rate's points, and those past the edge, restored the layers the first one's trained.
+    assert "past the edges, round 1: 2 points" in done.stdout
     for nu in ("0", "0p25"):
         log = repo.run("dvc", "queue", "logs", f"t-digits-nu{nu}-e3-plr0p1-flr1000").stdout
         assert "Stage 'pretrain@layer3' is cached - skipping run" in log and "training diverged (lr=1000.0)" in log
+        log = repo.run("dvc", "queue", "logs", f"t-digits-nu{nu}-e3-plr0p1-flr0p25").stdout
+        assert "Stage 'pretrain@layer3' is cached - skipping run" in log and "Running stage 'finetune'" in log
     assert "2 points failed (listed in the report); running the command again retries them" in done.stdout
     report = json.loads((repo.path / "reports/table1/t/table1.json").read_text())
     assert [s["dataset"] for s in report["datasets"]] == ["digits"]
     assert report["datasets"][0]["sda3"]["nu"] == 0.25 and report["datasets"][0]["saa3"]["nu"] == 0
-    assert sum(not p["restored"] for p in report["points"]) == 2 - len(before)
+    assert sum(not p["restored"] for p in report["points"]) == 4 - len(before)
+    assert sorted(p["past_edge"] or "" for p in report["points"]) == ["", "", "SAA-3 past finetune_lr 0.5", "SdA-3 past finetune_lr 0.5"]
+    assert report["past_edges"] == {"axes": ["finetune_lr"], "rounds": 1}
     assert sorted(f["experiment"] for f in report["failed"]) == ["t-digits-nu0-e3-plr0p1-flr1000", "t-digits-nu0p25-e3-plr0p1-flr1000"]
     assert all("training diverged" in f["why"] for f in report["failed"])
     parents = client.search_runs([experiment], "tags.kind = 'sweep-report'")
@@ -127,5 +157,6 @@ def test_the_table_resumes_after_an_interruption_without_retraining_a_finished_p
     again = repo.run(*command)
     assert "2 of 4 points have a finished MLflow run already; running 2" in again.stdout
     assert "0 points done, 2 failed" in again.stdout
+    assert "2 of 2 points have a finished MLflow run already; running 0" in again.stdout
     assert [r.info.run_id for r in client.search_runs([experiment], "tags.kind = 'sweep-report'")] == [parents[0].info.run_id]
     assert processes_of_this_test_in(repo.path) == []
