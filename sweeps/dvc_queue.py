@@ -204,18 +204,64 @@ def stop_signals_interrupt():
             signal.signal(number, handler)
 
 
+def queue_is_busy() -> bool:
+    """True while the queue holds an entry queued or running, or when `dvc queue status` cannot tell."""
+    try:
+        return any(status in ("Queued", "Running") for status in queue_entries().values())
+    except SweepError:
+        return True
+
+
+def run_all(jobs: int, env: dict | None = None, poll: float = 60.0, idle_limit: float = 120.0) -> None:
+    """`dvc exp run --run-all --jobs N`, stopped when the queue has held nothing queued or running
+    for ``idle_limit`` seconds: it waits for the result of every entry it started with, and one
+    removed meanwhile (`dvc queue remove`) never gives one."""
+    args = ["exp", "run", "--run-all", "--jobs", str(jobs)]
+    print("$ dvc " + " ".join(args), flush=True)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(["dvc", *args], stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env)
+        idle_since = None
+        try:
+            while True:
+                try:
+                    process.wait(timeout=poll)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if queue_is_busy():
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since >= idle_limit:
+                    print(f"warning: `dvc {' '.join(args)}` still waits {idle_limit:.0f} s after the queue ran its last "
+                          "experiment (an entry removed while it ran, with `dvc queue remove`?): stopping it", flush=True)
+                    return
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        if process.returncode != 0:
+            out.seek(0)
+            err.seek(0)
+            raise SweepError(f"`dvc {' '.join(args)}` failed:\n{out.read()[-3000:]}{err.read()[-3000:]}")
+
+
 def run_queue(jobs: int, env: dict | None = None) -> None:
     """Run every queued experiment of the working directory's repository with ``jobs`` workers.
 
     Returns when the queue is done and none of its workers is left. When dvc fails or Ctrl-C,
     SIGTERM or SIGHUP interrupts, the workers and the experiments they run are stopped before the
-    error goes on.
-    A worker still alive after the queue is done is killed, with a line saying so.
+    error goes on. A worker still alive after the queue is done is killed, and a `--run-all` still
+    waiting two minutes after the queue went idle is stopped, each with a line saying so.
     """
     repo, started, done = Path.cwd(), time.time(), False
     try:
         with stop_signals_interrupt():
-            dvc("exp", "run", "--run-all", "--jobs", str(jobs), env=env)
+            run_all(jobs, env)
         done = True
     except KeyboardInterrupt:
         raise SweepError("interrupted: the queue's workers and the experiments they ran were stopped; "

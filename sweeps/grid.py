@@ -23,15 +23,20 @@ from stages.track import find_point_run, finished_runs, log_sweep, open_store
 from sweeps.dvc_queue import SweepError, dvc, queue_entries, remove_queue_entries, run_queue, stop_signals_interrupt
 
 
-def check_committed() -> None:
-    """Queued experiments are built from git: uncommitted code would silently not be used."""
-    done = subprocess.run(["git", "status", "--porcelain", "--", "dvc.yaml", "params.yaml", "dvc.lock", "sda", "stages"],
-                          capture_output=True, text=True)
+def changed_files(*paths: str) -> list[str]:
+    """The tracked files (under ``paths``, or all) that differ from git's HEAD."""
+    done = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *paths], capture_output=True, text=True)
     if done.returncode != 0:
         raise SweepError(f"not a git repository here: {done.stderr.strip()}")
-    if done.stdout.strip():
-        changed = ", ".join(line[3:] for line in done.stdout.splitlines()[:5])
-        raise SweepError(f"commit these first; queued experiments see only what git has committed: {changed}")
+    return [line[3:] for line in done.stdout.splitlines()]
+
+
+def check_committed() -> None:
+    """The code and params a point runs must be committed: `dvc exp run --queue` would carry
+    uncommitted changes into some points and not others (those queued before an edit)."""
+    changed = changed_files("dvc.yaml", "params.yaml", "dvc.lock", "sda", "stages")
+    if changed:
+        raise SweepError(f"commit these first, so that every point runs the same code and params: {', '.join(changed[:5])}")
 
 
 def check_queue_empty(sweep_id: str) -> None:
@@ -210,8 +215,15 @@ def run_batch(batch: list[str], points: dict[str, dict], jobs: int, threads: int
     # Entries of an interrupted earlier run under the same names (failed or never run) go first.
     remove_queue_entries(lambda name, status: name in batch)
     remove_experiments(batch)
+    changed_before = changed_files()
     try:
         for name in batch:
+            # `dvc exp run --queue` stashes the working tree and restores it: a file edited meanwhile
+            # can lose the edit. Stop at the first sign of one.
+            if (edited := sorted(set(changed_files()) - set(changed_before))):
+                raise SweepError(f"{', '.join(edited[:5])} changed while the sweep queued its points: `dvc exp run --queue` "
+                                 "stashes and restores the working tree, which can undo such an edit (check it is still "
+                                 "there); edit once the sweep prints 'running ... points', and run the command again")
             dvc("exp", "run", "--queue", "--name", name, *set_args(points[name]["overrides"]), env=env)
         started = time.perf_counter()
         print(f"running {len(batch)} points with {jobs} workers x {threads} torch threads ...", flush=True)

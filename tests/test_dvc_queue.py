@@ -157,3 +157,25 @@ def test_an_interrupted_sweep_stops_its_workers_and_the_experiments_they_run(tmp
         assert repo_processes(repo.path, dvc_only=False) == []
     finally:
         repo.stop_leftovers()
+
+
+def test_a_run_all_left_waiting_by_a_removed_entry_is_stopped_once_the_queue_is_idle(tmp_path):
+    """`dvc exp run --run-all` waits for the result of every entry it started with; `dvc queue
+    remove` of one still queued leaves it waiting forever, though nothing is left to run."""
+    repo = QueueRepo(tmp_path / "repo", SLOW_DVC_YAML)
+    try:
+        repo.queue([10, 11])
+        sweep = subprocess.Popen([sys.executable, "-c", "from sweeps.dvc_queue import run_all; run_all(jobs=1, poll=2, idle_limit=6)"],
+                                 cwd=repo.path, env={**repo.env, "PYTHONPATH": str(ROOT)},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 90
+        while not [p for p in repo_processes(repo.path) if "time.sleep" in " ".join(p.cmdline())]:
+            assert time.monotonic() < deadline and sweep.poll() is None, "no experiment started"
+            time.sleep(0.2)
+        repo.run("dvc", "queue", "remove", "--queued")
+        stdout, stderr = sweep.communicate(timeout=90)
+        assert sweep.returncode == 0, stdout + stderr
+        assert "still waits 6 s after the queue ran its last experiment" in stdout and "stopping it" in stdout
+        assert repo.succeeded() == 1
+    finally:
+        repo.stop_leftovers()
