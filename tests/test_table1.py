@@ -12,7 +12,19 @@ from sda.generators import BENCHMARKS
 from stages.params import ParamsError
 from sweeps.dvc_queue import SweepError
 from sweeps.grid import check_disk, parse_set as parse_any_set
-from sweeps.table1 import DATASET_GRID, GRID, GRID_OPTIONS, PAPER, edges, grid_points, is_grid_key, points_past_edges, select, summarise, verdict
+from sweeps.table1 import (
+    DATASET_GRID,
+    GRID,
+    GRID_OPTIONS,
+    PAPER,
+    edges,
+    grid_points,
+    is_grid_key,
+    points_past_edges,
+    select,
+    summarise,
+    verdict,
+)
 from tests.conftest import ROOT, interrupt_after_the_first_finished_point, processes_of_this_test_in
 
 
