@@ -138,18 +138,23 @@ def test_the_harness_never_waits_on_a_pipe_a_sleeping_worker_holds(queue_repo):
     assert repo_processes(repo.path, dvc_only=False) == []
 
 
+def start_and_wait_for_an_experiment(repo, code: str) -> subprocess.Popen:
+    """Start ``python -c code`` in ``repo`` and return it once one of the queue's (sleeping) experiments runs."""
+    sweep = subprocess.Popen([sys.executable, "-c", code], cwd=repo.path, env={**repo.env, "PYTHONPATH": str(ROOT)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while not [p for p in repo_processes(repo.path) if "time.sleep" in " ".join(p.cmdline())]:
+        assert time.monotonic() < deadline and sweep.poll() is None, "no experiment started"
+        time.sleep(0.2)
+    return sweep
+
+
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_an_interrupted_sweep_stops_its_workers_and_the_experiments_they_run(tmp_path, stop):
     repo = QueueRepo(tmp_path / "repo", SLOW_DVC_YAML)
     try:
         repo.queue([120, 121])
-        sweep = subprocess.Popen([sys.executable, "-c", "from sweeps.dvc_queue import run_queue; run_queue(jobs=2)"],
-                                 cwd=repo.path, env={**repo.env, "PYTHONPATH": str(ROOT)},
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 90
-        while not [p for p in repo_processes(repo.path) if "time.sleep" in " ".join(p.cmdline())]:
-            assert time.monotonic() < deadline and sweep.poll() is None, "no experiment started"
-            time.sleep(0.2)
+        sweep = start_and_wait_for_an_experiment(repo, "from sweeps.dvc_queue import run_queue; run_queue(jobs=2)")
         sweep.send_signal(stop)
         stdout, stderr = sweep.communicate(timeout=60)
         assert sweep.returncode == 1 and "interrupted: the queue's workers and the experiments they ran were stopped" in stderr, \
@@ -165,13 +170,7 @@ def test_a_run_all_left_waiting_by_a_removed_entry_is_stopped_once_the_queue_is_
     repo = QueueRepo(tmp_path / "repo", SLOW_DVC_YAML)
     try:
         repo.queue([10, 11])
-        sweep = subprocess.Popen([sys.executable, "-c", "from sweeps.dvc_queue import run_all; run_all(jobs=1, poll=2, idle_limit=6)"],
-                                 cwd=repo.path, env={**repo.env, "PYTHONPATH": str(ROOT)},
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 90
-        while not [p for p in repo_processes(repo.path) if "time.sleep" in " ".join(p.cmdline())]:
-            assert time.monotonic() < deadline and sweep.poll() is None, "no experiment started"
-            time.sleep(0.2)
+        sweep = start_and_wait_for_an_experiment(repo, "from sweeps.dvc_queue import run_all; run_all(jobs=1, poll=2, idle_limit=6)")
         repo.run("dvc", "queue", "remove", "--queued")
         stdout, stderr = sweep.communicate(timeout=90)
         assert sweep.returncode == 0, stdout + stderr
