@@ -247,12 +247,20 @@ def log_pipeline_run(params_path: str) -> tuple[str, str]:
 
 
 def _log_once(client, experiment_id, uri, flat_params, tags, metrics, artifacts) -> tuple[str, str]:
+    # A cluster point's attempt opened a placeholder run (start_point_attempt): the results take
+    # over its point, attempt and node tags, and replace it once logged.
+    attempt_run = os.environ.get(ATTEMPT_RUN_VARIABLE)
     try:
+        if attempt_run:
+            placeholder = client.get_run(attempt_run).data.tags
+            tags = tags | {key: placeholder[key] for key in ATTEMPT_TAGS if key in placeholder}
         existing = client.search_runs(
             [experiment_id], f"tags.content_hash = '{tags['content_hash']}' and attributes.status = 'FINISHED'", max_results=1
         )
         if existing:
             run_id = existing[0].info.run_id
+            if attempt_run:
+                client.delete_run(attempt_run)
             print(f"track: these results are already MLflow run {run_id}; not logging a duplicate")
             return run_id, uri
         run_id = client.create_run(experiment_id, run_name=tags["mlflow.runName"], tags=tags).info.run_id
@@ -267,10 +275,45 @@ def _log_once(client, experiment_id, uri, flat_params, tags, metrics, artifacts)
             client.set_terminated(run_id, "FAILED")  # never passes for a complete record
             raise
         client.set_terminated(run_id)
+        if attempt_run:
+            client.delete_run(attempt_run)
         print(f"track: logged MLflow run {run_id} in experiment {EXPERIMENT!r} at {uri}")
         return run_id, uri
     except mlflow.exceptions.MlflowException as err:
         raise StoreError(f"MLflow store {uri} failed: {str(err).splitlines()[0]}") from err
+
+
+# Cluster points (sweeps/cluster.py): one run per attempt, opened before the pipeline runs.
+
+ATTEMPT_RUN_VARIABLE = "SDA_MLFLOW_RUN_ID"
+ATTEMPT_TAGS = ("point_id", "attempt", "node")
+
+
+def start_point_attempt(point_id: str, node: str) -> tuple[str, int]:
+    """(run id, attempt number) of a new attempt at a cluster point: a RUNNING placeholder run
+    tagged with the point, the attempt and the node, which the pipeline's track stage replaces with
+    the results' run, tagged the same (its id in $SDA_MLFLOW_RUN_ID). An earlier attempt's
+    placeholder still RUNNING died with its node: it is marked FAILED first, so that a point has at
+    most one live run and a record of each attempt that died."""
+    client, experiment_id, uri = open_store()
+    try:
+        earlier = client.search_runs([experiment_id], f"tags.point_id = '{point_id}'", max_results=1000)
+        for stale in earlier:
+            if stale.info.status == "RUNNING":
+                client.set_terminated(stale.info.run_id, "FAILED")
+        attempt = 1 + max((int(r.data.tags.get("attempt", "0")) for r in earlier), default=0)
+        run_id = client.create_run(experiment_id, run_name=f"{point_id} (attempt {attempt})",
+                                   tags={"point_id": point_id, "attempt": str(attempt), "node": node}).info.run_id
+        return run_id, attempt
+    except mlflow.exceptions.MlflowException as err:
+        raise StoreError(f"MLflow store {uri} failed: {str(err).splitlines()[0]}") from err
+
+
+def fail_point_attempt(run_id: str) -> None:
+    """Mark an attempt's run FAILED, unless its pipeline's track stage completed it."""
+    client, _, _ = open_store()
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, "FAILED")
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ Queued experiments see only what git tracks: commit your changes first (this com
 """
 
 import argparse
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -27,24 +28,29 @@ from stages.common import run
 from stages.params import ParamsError, load_params
 from stages.track import download_artifact, flatten, log_sweep
 from sweeps.dvc_queue import SweepError
-from sweeps.grid import apply_overrides, default_threads, run_points
+from sweeps.grid import add_backend_arguments, apply_overrides, cluster_from_args, default_threads, run_points
 from sweeps.report import FILTER_LEVELS, filter_figure, plot_error_against_nu, write_table
 
 DEFAULT_NU = (0.0, 0.1, 0.25, 0.4, 0.5)
 
 
-def sweep_points(params_raw: dict, nus: list[float], layers: list[str], dataset: str | None) -> list[dict]:
-    """Each point's name part, -S overrides and full params, checked before anything runs."""
+def sweep_points(params_raw: dict, nus: list[float], layers: list[str], dataset: str | None,
+                 seeds: list[int] | None = None) -> list[dict]:
+    """Each point's name part, -S overrides and full params, checked before anything runs; with
+    ``seeds``, every nu once per seed."""
     points = []
-    for nu in nus:
+    for nu, seed in itertools.product(nus, seeds or [None]):
         overrides: dict[str, object] = {f"pretrain.{layer}.corruption": nu for layer in layers}
         if dataset:
             overrides["data.dataset"] = dataset
+        if seed is not None:
+            overrides["seed"] = seed
         try:
             candidate = apply_overrides(params_raw, overrides)
         except ParamsError as err:
             raise ParamsError(f"--nu {nu:g}: {err}") from err
-        points.append({"label": f"nu{nu:g}".replace(".", "p"), "nu": nu, "overrides": overrides, "params": flatten(candidate)})
+        label = f"nu{nu:g}".replace(".", "p") + ("" if seed is None else f"-seed{seed}")
+        points.append({"label": label, "nu": nu, "seed": candidate["seed"], "overrides": overrides, "params": flatten(candidate)})
     return points
 
 
@@ -53,10 +59,12 @@ def main() -> None:
     parser.add_argument("--nu", type=float, nargs="+", default=list(DEFAULT_NU), help="corruption levels (default: %(default)s)")
     parser.add_argument("--layers", nargs="+", default=["all"], help="layers whose corruption is swept: all, or names such as layer3 (default: all)")
     parser.add_argument("--dataset", choices=DATASETS, help="dataset for every point (default: params.yaml's)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="run every nu once per seed (default: params.yaml's seed only)")
     parser.add_argument("--jobs", "-j", type=int, default=2, help="parallel queue workers (default: %(default)s)")
     parser.add_argument("--threads", type=int, help="torch threads per worker (default: cores / jobs, at least 1)")
     parser.add_argument("--sweep-id", help="name of the sweep (default: sweep-<date>-<time>)")
     parser.add_argument("--params", default="params.yaml", help=argparse.SUPPRESS)
+    add_backend_arguments(parser)
     args = parser.parse_args()
 
     params = load_params(args.params)
@@ -69,20 +77,24 @@ def main() -> None:
         raise ParamsError(f"--jobs: must be an integer >= 1, got {args.jobs}")
     if len(set(args.nu)) != len(args.nu):
         raise ParamsError(f"--nu: values must be distinct, got {args.nu}")
-    points = sweep_points(yaml.safe_load(Path(args.params).read_text()), args.nu, layers, args.dataset)
+    if args.seeds and len(set(args.seeds)) != len(args.seeds):
+        raise ParamsError(f"--seeds: values must be distinct, got {args.seeds}")
+    threads = args.threads or default_threads(args.jobs)
+    cluster = cluster_from_args(args, cpus_per_point=args.threads or 1)
+    points = sweep_points(yaml.safe_load(Path(args.params).read_text()), args.nu, layers, args.dataset, args.seeds)
     sweep_id = args.sweep_id or time.strftime("sweep-%Y%m%d-%H%M%S")
 
     # Shared: prepare, and the layers below the lowest swept one.
     lowest = min(layer_names.index(layer) for layer in layers)
     shared_target = "prepare" if lowest == 0 else f"pretrain@{layer_names[lowest - 1]}"
     shared_overrides = {k: v for k, v in points[0]["overrides"].items() if k == "data.dataset"}
-    found, _ = run_points(sweep_id, points, [(shared_target, shared_overrides)], args.jobs, args.threads or default_threads(args.jobs))
+    found, _ = run_points(sweep_id, points, [(shared_target, shared_overrides)], args.jobs, threads, cluster=cluster)
 
     rows = []
     for point in points:
         run_ = found[point["experiment"]]
         metrics = run_.data.metrics
-        rows.append({"nu": point["nu"], "experiment": point["experiment"], "run_id": run_.info.run_id,
+        rows.append({"nu": point["nu"], "seed": point["seed"], "experiment": point["experiment"], "run_id": run_.info.run_id,
                      **{k: metrics[k] for k in ("valid_error", "test_error", "test_error_ci95")},
                      **{f"{l}_train_loss": metrics[f"pretrain.{l}.train_loss"] for l in layer_names}})
 
@@ -95,7 +107,7 @@ def main() -> None:
     if "layer1" in layers:
         with tempfile.TemporaryDirectory() as tmp:
             images = {row["nu"]: download_artifact(row["run_id"], "models/pretrain/layer1/filters.png", Path(tmp) / f"{row['nu']:g}")
-                      for row in rows if row["nu"] in FILTER_LEVELS}
+                      for row in rows if row["nu"] in FILTER_LEVELS and row["seed"] == rows[0]["seed"]}
             has_figure = filter_figure(images, report_dir)
     point_runs = {name: run_.info.run_id for name, run_ in found.items()}
     parent = log_sweep(sweep_id, point_runs, report_dir, {"dataset": dataset, "swept_layers": ",".join(layers)})

@@ -7,12 +7,14 @@ are left out, shared stages run once beforehand to fill DVC's run-cache, the res
 on parallel queue workers, and Ctrl-C, SIGTERM or SIGHUP leave nothing queued or running.
 """
 
+import argparse
 import os
 import shutil
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -21,6 +23,9 @@ from sda.generators import SPLIT_SIZES
 from stages.params import ParamsError, parse_params
 from stages.track import find_point_run, finished_runs, log_sweep, open_store
 from sweeps.dvc_queue import SweepError, dvc, queue_entries, remove_queue_entries, run_queue, stop_signals_interrupt
+
+if TYPE_CHECKING:
+    from sweeps.cluster import Cluster
 
 
 def changed_files(*paths: str) -> list[str]:
@@ -128,8 +133,47 @@ def set_args(overrides: dict[str, object]) -> list[str]:
     return [arg for key, value in overrides.items() for arg in ("-S", key if key.startswith("~") else f"{key}={hydra_value(value)}")]
 
 
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """--backend and the cluster's options, the same for every sweep command."""
+    parser.add_argument("--backend", choices=("queue", "ray"), default="queue",
+                        help="queue: DVC's experiment queue on this machine (default); ray: a Ray cluster, one fresh clone per point "
+                             "(README, 'Sweeps on a cluster')")
+    group = parser.add_argument_group("--backend ray", "the cluster's shared services; MLflow is $MLFLOW_TRACKING_URI, a server")
+    group.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"), help="the Ray cluster's head, host:port (default: $RAY_ADDRESS)")
+    group.add_argument("--git-remote", help="the git remote the nodes clone and push experiments to (default: origin's URL)")
+    group.add_argument("--dvc-remote", help="the DVC remote URL every node pulls stages from and pushes them to (default: the repo's default remote's URL)")
+    group.add_argument("--retries", type=int, default=3, help="attempts a point gets on other nodes when its node dies (default: %(default)s)")
+    # Each point asks Ray for --threads CPUs (default 1), and gets as many torch threads.
+
+
+def cluster_from_args(args: argparse.Namespace, cpus_per_point: int) -> "Cluster | None":
+    """The cluster --backend ray names, its settings checked for presence (None for the queue)."""
+    if args.backend != "ray":
+        return None
+    from sweeps.cluster import Cluster
+
+    def git(*cmd: str) -> str:
+        done = subprocess.run(["git", *cmd], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    def dvc_default_remote_url() -> str:
+        name = subprocess.run(["dvc", "remote", "default"], capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["dvc", "config", f"remote.{name}.url"], capture_output=True, text=True).stdout.strip() if name else ""
+
+    settings = {"--ray-address": args.ray_address, "--git-remote": args.git_remote or git("remote", "get-url", "origin"),
+                "--dvc-remote": args.dvc_remote or dvc_default_remote_url(), "$MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI")}
+    for option, value in settings.items():
+        if not value:
+            raise SweepError(f"--backend ray needs {option}" + (" (or $RAY_ADDRESS)" if option == "--ray-address" else ""))
+    if args.retries < 0:
+        raise ParamsError(f"--retries: must be an integer >= 0, got {args.retries}")
+    return Cluster(ray_address=settings["--ray-address"], git_remote=settings["--git-remote"], dvc_remote=settings["--dvc-remote"],
+                   tracking_uri=settings["$MLFLOW_TRACKING_URI"], commit=git("rev-parse", "HEAD"), retries=args.retries,
+                   cpus_per_point=cpus_per_point)
+
+
 def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]], jobs: int, threads: int,
-               keep_going: bool = False) -> tuple[dict[str, object], dict[str, str]]:
+               keep_going: bool = False, cluster: "Cluster | None" = None) -> tuple[dict[str, object], dict[str, str]]:
     """Run every point as a queued DVC experiment; return ({experiment name: its MLflow run}, {failed point: why}).
 
     Each point is named ``<sweep_id>-<label>`` (set as ``point["experiment"]``). A point with a
@@ -140,6 +184,8 @@ def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]]
     several points share, run once beforehand in temporary experiments for the points that need
     them. A failed point stops the sweep (SweepError) after its phase, unless ``keep_going``: then
     the others still run and the failed ones are returned, to be retried by the next invocation.
+    With a ``cluster`` (--backend ray), the points run on it instead (sweeps/cluster.py): ``shared``,
+    ``jobs`` and ``threads`` do not apply there.
     """
     for point in points:
         point["experiment"] = f"{sweep_id}-{point['label']}"
@@ -147,6 +193,13 @@ def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]]
     if len(names) != len(points):
         raise SweepError(f"two points share a name; labels: {', '.join(sorted(p['label'] for p in points))}")
     check_committed()
+    if cluster is not None:
+        from sweeps.cluster import run_points_on_ray
+
+        found, failed = run_points_on_ray(sweep_id, points, cluster)
+        if failed and not keep_going:
+            raise SweepError("sweep points failed:\n" + "\n".join(f"  {name}: {why}" for name, why in failed.items()))
+        return found, failed
     # Ctrl-C, SIGTERM or SIGHUP raise KeyboardInterrupt while the sweep queues and runs, so that
     # nothing of it stays queued or running.
     try:

@@ -17,12 +17,13 @@ def write_table(rows: list[dict], layers: list[str], report_dir: Path) -> None:
     """rows: nu, valid_error, test_error, test_error_ci95, <layer>_train_loss, experiment, run_id."""
     header = "| nu | valid error | test error +- 95% CI | " + " | ".join(f"{l} final loss" for l in layers) + " | DVC experiment |"
     lines = [header, "|" + "---|" * (4 + len(layers))]
-    for row in sorted(rows, key=lambda r: r["nu"]):
-        name = f"{row['nu']:g}" + (" (SAA)" if row["nu"] == 0 else "")
+    seeds = len({row.get("seed") for row in rows}) > 1
+    for row in sorted(rows, key=lambda r: (r["nu"], r.get("seed", 0))):
+        name = f"{row['nu']:g}" + (" (SAA)" if row["nu"] == 0 else "") + (f", seed {row['seed']}" if seeds else "")
         losses = " | ".join(f"{row[f'{l}_train_loss']:.3f}" for l in layers)
         lines.append(f"| {name} | {row['valid_error']:.2%} | {row['test_error']:.2%} +- {row['test_error_ci95']:.2%} | {losses} | {row['experiment']} |")
     save_text(report_dir / "table.md", "\n".join(lines) + "\n")
-    save_json(report_dir / "table.json", sorted(rows, key=lambda r: r["nu"]))
+    save_json(report_dir / "table.json", sorted(rows, key=lambda r: (r["nu"], r.get("seed", 0))))
 
 
 def plot_error_against_nu(rows: list[dict], title: str, report_dir: Path) -> None:
@@ -32,11 +33,12 @@ def plot_error_against_nu(rows: list[dict], title: str, report_dir: Path) -> Non
     import matplotlib.pyplot as plt
 
     rows = sorted(rows, key=lambda r: r["nu"])
-    nu = [r["nu"] for r in rows]
-    err = [100 * r["test_error"] for r in rows]
-    ci = [100 * r["test_error_ci95"] for r in rows]
+    seeds = sorted({r.get("seed") for r in rows}, key=str)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.errorbar(nu, err, yerr=ci, marker="o", capsize=4, label="SdA: test error +- 95% CI")
+    for seed in seeds:  # one line per seed
+        mine = [r for r in rows if r.get("seed") == seed]
+        ax.errorbar([r["nu"] for r in mine], [100 * r["test_error"] for r in mine], yerr=[100 * r["test_error_ci95"] for r in mine],
+                    marker="o", capsize=4, label="SdA: test error +- 95% CI" + (f", seed {seed}" if len(seeds) > 1 else ""))
     saa = [r for r in rows if r["nu"] == 0]
     if saa:
         ax.scatter([0], [100 * saa[0]["test_error"]], s=160, facecolors="none", edgecolors="red", zorder=3,
