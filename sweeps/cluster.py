@@ -153,9 +153,10 @@ def run_points_on_ray(sweep_id: str, points: list[dict], cluster: Cluster) -> tu
                     continue
                 if result.get("error"):
                     failed[name] = result["error"]
+                seconds = ", ".join(f"{step} {value:g} s" for step, value in result.get("seconds", {}).items())
                 print(f"{name}: {'failed: ' + result['error'] if result.get('error') else 'done'} on node "
-                      f"{result.get('node', '?')[:12]}, attempt {result.get('attempt', '?')}, ran {', '.join(result.get('ran') or []) or 'no stage'}",
-                      flush=True)
+                      f"{result.get('node', '?')[:12]}, attempt {result.get('attempt', '?')} ({seconds or 'no step'}), "
+                      f"ran {', '.join(result.get('ran') or []) or 'no stage'}", flush=True)
         finally:
             ray.shutdown()
 

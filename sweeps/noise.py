@@ -37,7 +37,16 @@ from stages.common import run
 from stages.params import ParamsError, load_params
 from stages.track import download_artifact, flatten
 from sweeps.dvc_queue import SweepError
-from sweeps.grid import apply_overrides, check_disk, default_threads, parse_set, publish_report, run_points
+from sweeps.grid import (
+    add_backend_arguments,
+    apply_overrides,
+    check_disk,
+    cluster_from_args,
+    default_threads,
+    parse_set,
+    publish_report,
+    run_points,
+)
 from sweeps.report import filter_figure
 
 LEVELS = {"masking": [0.1, 0.25, 0.4], "salt_pepper": [0.1, 0.25, 0.4], "gaussian": [0.1, 0.3, 0.5]}
@@ -191,7 +200,9 @@ def main() -> None:
     parser.add_argument("--jobs", "-j", type=int, default=2, help="parallel queue workers (default: %(default)s)")
     parser.add_argument("--threads", type=int, help="torch threads per worker (default: cores / jobs)")
     parser.add_argument("--id", help="name of this comparison: experiment names and the report's folder (default: noise-<date>-<time>)")
+    add_backend_arguments(parser)
     args = parser.parse_args()
+    cluster = cluster_from_args(args, cpus_per_point=args.threads or 1)
     if args.jobs < 1:
         raise ParamsError(f"--jobs: must be an integer >= 1, got {args.jobs}")
     levels = {kind: getattr(args, kind) for kind in LEVELS if kind in args.kinds}
@@ -205,10 +216,11 @@ def main() -> None:
     extra = parse_set(args.set, is_grid_key, "--datasets, --kinds, the levels, --emphasis; every point runs engine autograd")
     points = grid_points(raw, args.datasets, levels, None if args.no_emphasis else tuple(args.emphasis), extra)
     print(f"Noise comparison `{noise_id}`: {len(points)} points; interrupted, run it again with --id {noise_id}", flush=True)
-    check_disk(points)
+    if cluster is None:  # the nodes' own caches are theirs to watch
+        check_disk(points)
     started = time.perf_counter()
     shared = [("prepare", {"data.dataset": dataset}) for dataset in args.datasets]
-    found, failed = run_points(noise_id, points, shared, args.jobs, args.threads or default_threads(args.jobs), keep_going=True)
+    found, failed = run_points(noise_id, points, shared, args.jobs, args.threads or default_threads(args.jobs), keep_going=True, cluster=cluster)
     wall = time.perf_counter() - started
 
     rows = []

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from stages.track import ATTEMPT_RUN_VARIABLE, fail_point_attempt, start_point_attempt
 
@@ -48,7 +49,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
 
     env = dict(os.environ, DVC_NO_ANALYTICS="1")
-    summary = {"point_id": args.point_id, "node": args.node, "error": None}
+    summary = {"point_id": args.point_id, "node": args.node, "error": None, "seconds": {}}
     for setup in (["remote", "add", "--local", "--force", "--default", "cluster", args.dvc_remote],
                   *([["cache", "dir", "--local", args.cache]] if args.cache else [])):
         done = dvc(*setup, env=env)
@@ -62,7 +63,9 @@ def main() -> None:
              ("push", "--run-cache"),
              ("exp", "push", args.git_remote, args.point_id)]
     for step in steps:
+        started = time.monotonic()
         done = dvc(*step, env=env)
+        summary["seconds"][" ".join(step[:2])] = round(time.monotonic() - started, 1)
         if step[:2] == ("exp", "run"):
             summary["ran"] = [line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage '")]
         if done.returncode != 0:

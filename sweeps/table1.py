@@ -42,7 +42,16 @@ from stages.common import run
 from stages.params import ParamsError, load_params
 from stages.track import flatten
 from sweeps.dvc_queue import SweepError
-from sweeps.grid import apply_overrides, check_disk, default_threads, parse_set, publish_report, run_points
+from sweeps.grid import (
+    add_backend_arguments,
+    apply_overrides,
+    check_disk,
+    cluster_from_args,
+    default_threads,
+    parse_set,
+    publish_report,
+    run_points,
+)
 
 # ICML 2008 Table 1 (../shared/paper/tables.md): test error %, half-width of the 95% CI, SdA-3's nu.
 PAPER = {
@@ -382,7 +391,10 @@ def main() -> None:
     parser.add_argument("--jobs", "-j", type=int, default=2, help="parallel queue workers (default: %(default)s)")
     parser.add_argument("--threads", type=int, help="torch threads per worker (default: cores / jobs)")
     parser.add_argument("--id", help="name of this reproduction: experiment names and the report's folder (default: table1-<date>-<time>)")
+    add_backend_arguments(parser)
     args = parser.parse_args()
+    cluster = cluster_from_args(args, cpus_per_point=args.threads or 1)
+    threads = args.threads or default_threads(args.jobs)
     if args.jobs < 1:
         raise ParamsError(f"--jobs: must be an integer >= 1, got {args.jobs}")
     if args.rounds is not None and args.rounds < 0:
@@ -402,9 +414,10 @@ def main() -> None:
     shared = [("prepare", {"data.dataset": dataset}) for dataset in args.datasets]
 
     print(f"Table 1 `{table_id}`: {len(points)} points; interrupted, run it again with --id {table_id}", flush=True)
-    check_disk(points)
+    if cluster is None:  # the nodes' own caches are theirs to watch
+        check_disk(points)
     started = time.perf_counter()
-    found, why = run_points(table_id, points, shared, args.jobs, args.threads or default_threads(args.jobs), keep_going=True)
+    found, why = run_points(table_id, points, shared, args.jobs, threads, keep_going=True, cluster=cluster)
     rounds = 0
     while args.past_edges and (args.rounds is None or rounds < args.rounds):
         # Each round is decided by the finished runs alone, so a re-run takes the same rounds and
@@ -420,8 +433,9 @@ def main() -> None:
         new = [make_point(raw, c["dataset"], fixed[c["dataset"]], c["nu"], c["pretrain_epochs"], c["pretrain_lr"], c["finetune_lr"])
                | {"why": c["why"]} for c in wanted]
         print(f"past the edges, round {rounds}: {len(new)} points\n" + "\n".join(f"  {p['label']} ({p['why']})" for p in new), flush=True)
-        check_disk(new)
-        more_found, more_why = run_points(table_id, new, shared, args.jobs, args.threads or default_threads(args.jobs), keep_going=True)
+        if cluster is None:
+            check_disk(new)
+        more_found, more_why = run_points(table_id, new, shared, args.jobs, threads, keep_going=True, cluster=cluster)
         points += new
         found.update(more_found)
         why.update(more_why)

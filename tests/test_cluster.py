@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from sweeps.dvc_queue import is_dvc
 from tests.conftest import PipelineRepo, tiny_digits_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -119,8 +120,9 @@ class Cluster:
         done = subprocess.run(["ip", "netns", "pids", self.ns], capture_output=True, text=True)
         return [int(pid) for pid in done.stdout.split()]
 
-    def stop(self) -> None:
-        """Kill every process in the namespace, delete it and the services' files."""
+    def stop(self) -> list[int]:
+        """Kill every process in the namespace, delete it and the services' files; return the
+        processes still alive after five rounds of SIGKILL (none, or the teardown failed)."""
         for _ in range(5):
             pids = self.pids()
             if not pids:
@@ -131,10 +133,12 @@ class Cluster:
                 except ProcessLookupError:
                     pass
             time.sleep(0.5)
+        alive = self.pids()
         subprocess.run(["ip", "netns", "del", self.ns], check=False)
         for folder in (getattr(self, "pg", None), getattr(self, "ray_tmp", None)):
             if folder:
                 shutil.rmtree(folder, ignore_errors=True)
+        return alive
 
     def runs(self) -> list[dict]:
         """Every run of the store: status, params, metrics, tags, artifact paths."""
@@ -154,8 +158,7 @@ def cluster(tmp_path_factory):
         services.start()
         yield services
     finally:
-        services.stop()
-        assert services.pids() == []
+        assert services.stop() == []
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +251,20 @@ def processes_in(cluster, *words: str) -> list[psutil.Process]:
     return found
 
 
+def points_processes(cluster) -> list[str]:
+    """The command lines of every point's processes in the namespace: sweeps.point, dvc, the stages."""
+    found = []
+    for pid in cluster.pids():
+        try:
+            process = psutil.Process(pid)
+            line = " ".join(process.cmdline())
+            if is_dvc(process) or "sweeps.point" in line or "stages." in line:
+                found.append(line)
+        except psutil.Error:
+            continue
+    return found
+
+
 @pytest.mark.timeout(420)
 def test_a_point_whose_node_is_killed_finishes_on_the_other_node(cluster, repo):
     """Last in the module: it leaves the cluster one worker node short."""
@@ -280,6 +297,6 @@ def test_a_point_whose_node_is_killed_finishes_on_the_other_node(cluster, repo):
     assert sorted((r["status"], r["tags"]["attempt"], r["tags"]["node"] == killed_node) for r in mine) == [
         ("FAILED", "1", True), ("FINISHED", "2", False)]
     deadline = time.monotonic() + 15  # nothing of the killed attempt runs on
-    while processes_in(cluster, "sweeps.point", "kill-nu0p33") or processes_in(cluster, "stages.pretrain"):
-        assert time.monotonic() < deadline, [p.cmdline() for p in processes_in(cluster, "sweeps.point") + processes_in(cluster, "stages.")]
+    while leftovers := points_processes(cluster):
+        assert time.monotonic() < deadline, leftovers
         time.sleep(0.5)
