@@ -345,7 +345,7 @@ def point_rows(points: list[dict], found: dict[str, object]) -> list[dict]:
         mlrun = found[point["experiment"]]
         m = mlrun.data.metrics
         rows.append({key: point[key] for key in ("dataset", "nu", *AXES, "restored")} | {
-            "experiment": point["experiment"], "past_edge": point.get("why"), "run_id": mlrun.info.run_id,
+            "experiment": point["experiment"], "past_edge": point.get("why"), "round": point.get("round", 0), "run_id": mlrun.info.run_id,
             "valid_error": m["valid_error"], "test_error": m["test_error"], "test_error_ci95": m["test_error_ci95"],
             "finetune_seconds": m["finetune.seconds"], "finetune_epochs": int(m["finetune.epochs_run"]),
             "finetune_max_epochs": int(point["params"]["finetune.max_epochs"]),
@@ -431,7 +431,7 @@ def main() -> None:
         rounds += 1
         fixed = {dataset: dataset_grid(dataset, chosen)[1] | extra for dataset in args.datasets}
         new = [make_point(raw, c["dataset"], fixed[c["dataset"]], c["nu"], c["pretrain_epochs"], c["pretrain_lr"], c["finetune_lr"])
-               | {"why": c["why"]} for c in wanted]
+               | {"why": c["why"], "round": rounds} for c in wanted]
         print(f"past the edges, round {rounds}: {len(new)} points\n" + "\n".join(f"  {p['label']} ({p['why']})" for p in new), flush=True)
         if cluster is None:
             check_disk(new)
@@ -453,7 +453,7 @@ def main() -> None:
     past = [p for p in points if p.get("why")]
     past_lines = ([f"{len(past)} points in {rounds} rounds, each the next value past a selection that was the last value "
                    f"tried on its axis ({', '.join(args.past_edges)}):", ""]
-                  + [f"- {p['label']}: {p['why']}" for p in past]) if past else ["None."]
+                  + [f"- round {p['round']}, {p['label']}: {p['why']}" for p in past]) if past else ["None."]
     lines = [f"# Table 1 reproduction `{table_id}`", "",
              "Test error % +- 95% CI. SAA-3: the best point at nu = 0, SdA-3: the best at nu > 0, both chosen on the "
              "validation error. inside / better / worse: our test error against the paper's 95% CI.", "",
