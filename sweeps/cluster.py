@@ -133,11 +133,18 @@ def run_points_on_ray(sweep_id: str, points: list[dict], cluster: Cluster) -> tu
     failed: dict[str, str] = {}
     if missing:
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
-        ray.init(address=cluster.ray_address, logging_level="WARNING", log_to_driver=False)
         try:
+            ray.init(address=cluster.ray_address, logging_level="WARNING", log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise SweepError(f"no Ray cluster answers at {cluster.ray_address}: {str(err).splitlines()[0]}") from None
+        refs = {}
+        try:
+            largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=0)
+            if largest < cluster.cpus_per_point:
+                raise SweepError(f"each point asks for {cluster.cpus_per_point:g} CPUs (--threads), but no node of the Ray cluster "
+                                 f"at {cluster.ray_address} has more than {largest:g}")
             task = ray.remote(run_point_in_a_fresh_clone).options(max_retries=cluster.retries, num_cpus=cluster.cpus_per_point)
             first: dict[tuple, object] = {}
-            refs = {}
             for point in missing:
                 lower, upstream = prefix_keys(point["params"])
                 after = [first[key] for key in (upstream, lower) if key in first][:1]
@@ -157,6 +164,13 @@ def run_points_on_ray(sweep_id: str, points: list[dict], cluster: Cluster) -> tu
                 print(f"{name}: {'failed: ' + result['error'] if result.get('error') else 'done'} on node "
                       f"{result.get('node', '?')[:12]}, attempt {result.get('attempt', '?')} ({seconds or 'no step'}), "
                       f"ran {', '.join(result.get('ran') or []) or 'no stage'}", flush=True)
+        except KeyboardInterrupt:
+            # Force-cancelling kills each task's worker process, and with it the point's process
+            # group (its parent-death signal): nothing of the sweep runs on.
+            for ref in refs.values():
+                ray.cancel(ref, force=True)
+            raise SweepError("interrupted: the sweep's tasks were cancelled on the cluster; submit it again to finish "
+                             "what is missing") from None
         finally:
             ray.shutdown()
 

@@ -196,7 +196,8 @@ def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]]
     if cluster is not None:
         from sweeps.cluster import run_points_on_ray
 
-        found, failed = run_points_on_ray(sweep_id, points, cluster)
+        with stop_signals_interrupt():  # SIGTERM and SIGHUP cancel the sweep's tasks as Ctrl-C does
+            found, failed = run_points_on_ray(sweep_id, points, cluster)
         if failed and not keep_going:
             raise SweepError("sweep points failed:\n" + "\n".join(f"  {name}: {why}" for name, why in failed.items()))
         return found, failed
