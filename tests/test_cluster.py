@@ -9,6 +9,7 @@ teardown every process in that namespace is killed and the namespace deleted.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -265,23 +266,53 @@ def points_processes(cluster) -> list[str]:
     return found
 
 
+def make_layer3_slow(repo) -> None:
+    """Commit and push a layer 3 that trains long enough (1500 epochs) to be interrupted in."""
+    params = repo.params()
+    if params["pretrain"]["layer3"]["epochs"] != 1500:
+        params["pretrain"]["layer3"]["epochs"] = 1500
+        repo.write_params(params)
+        repo.commit("a slow layer 3")
+        repo.run("git", "push", "-q", "origin", "main")
+
+
+def start_sweep_and_wait_for_layer3(cluster, repo, nu: str, sweep_id: str) -> subprocess.Popen:
+    command = ["ip", "netns", "exec", cluster.ns, sys.executable, "-m", "sweeps.ablate", "--backend", "ray", "--layers", "layer3",
+               "--nu", nu, "--sweep-id", sweep_id, "--ray-address", f"127.0.0.1:{RAY_PORT}", "--dvc-remote", str(repo.dvc_remote)]
+    driver = subprocess.Popen(command, cwd=repo.path, env=repo.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while not processes_in(cluster, "stages.pretrain", "layer3"):
+        if driver.poll() is not None or time.monotonic() > deadline:
+            driver.kill()
+            pytest.fail(f"layer 3 never started:\n{driver.communicate()[0]}")
+        time.sleep(0.2)
+    return driver
+
+
+def no_point_processes_within(cluster, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while leftovers := points_processes(cluster):
+        assert time.monotonic() < deadline, leftovers
+        time.sleep(0.5)
+
+
+@pytest.mark.timeout(300)
+def test_an_interrupted_cluster_sweep_cancels_its_points(cluster, repo):
+    make_layer3_slow(repo)
+    driver = start_sweep_and_wait_for_layer3(cluster, repo, "0.31", "stop")
+    driver.send_signal(signal.SIGINT)
+    output, _ = driver.communicate(timeout=60)
+    assert driver.returncode == 1 and "interrupted: the sweep's tasks were cancelled on the cluster" in output, output
+    no_point_processes_within(cluster, 15)
+
+
 @pytest.mark.timeout(420)
 def test_a_point_whose_node_is_killed_finishes_on_the_other_node(cluster, repo):
     """Last in the module: it leaves the cluster one worker node short."""
-    params = repo.params()
-    params["pretrain"]["layer3"]["epochs"] = 1500  # a layer 3 that trains long enough to be killed in
-    repo.write_params(params)
-    repo.commit("a slow layer 3")
-    repo.run("git", "push", "-q", "origin", "main")
-    command = ["ip", "netns", "exec", cluster.ns, sys.executable, "-m", "sweeps.ablate", "--backend", "ray", "--layers", "layer3",
-               "--nu", "0.33", "--sweep-id", "kill", "--ray-address", f"127.0.0.1:{RAY_PORT}", "--dvc-remote", str(repo.dvc_remote)]
-    driver = subprocess.Popen(command, cwd=repo.path, env=repo.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    make_layer3_slow(repo)
+    driver = start_sweep_and_wait_for_layer3(cluster, repo, "0.33", "kill")
     try:
-        deadline = time.monotonic() + 180
-        while not processes_in(cluster, "stages.pretrain", "layer3"):
-            assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read() if driver.poll() is not None else "no layer 3"
-            time.sleep(0.2)
         (placeholder,) = [r for r in cluster.runs() if r["tags"].get("point_id") == "kill-nu0p33" and r["status"] == "RUNNING"]
         killed_node = placeholder["tags"]["node"]
         (raylet,) = processes_in(cluster, "raylet/raylet", f"--node_id={killed_node}")
@@ -296,7 +327,4 @@ def test_a_point_whose_node_is_killed_finishes_on_the_other_node(cluster, repo):
     mine = [r for r in cluster.runs() if r["tags"].get("point_id") == "kill-nu0p33"]
     assert sorted((r["status"], r["tags"]["attempt"], r["tags"]["node"] == killed_node) for r in mine) == [
         ("FAILED", "1", True), ("FINISHED", "2", False)]
-    deadline = time.monotonic() + 15  # nothing of the killed attempt runs on
-    while leftovers := points_processes(cluster):
-        assert time.monotonic() < deadline, leftovers
-        time.sleep(0.5)
+    no_point_processes_within(cluster, 15)  # nothing of the killed attempt runs on
