@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 
 from stages.track import find_point_run, finished_runs, open_store
-from sweeps.dvc_queue import SweepError
+from sweeps.dvc_queue import SweepError, set_args
 
 # A Ray worker that dies (its node killed, say) sends its point's process group SIGTERM: Linux's
 # parent-death signal, set between fork and exec.
@@ -70,8 +70,8 @@ def check_services(cluster: Cluster) -> None:
 def run_point_in_a_fresh_clone(point_id: str, overrides: list[str], cluster: Cluster, *after) -> dict:
     """The Ray task of one point (``after``: the tasks whose layers it reuses, done before it starts).
 
-    Only the standard library here: the task is shipped by value, and the point's code is the
-    clone's, at the sweep's commit."""
+    Only the standard library and Ray here: the task is shipped by value, and the point's code is
+    the clone's, at the sweep's commit."""
     import ctypes
     import shutil
 
@@ -81,12 +81,10 @@ def run_point_in_a_fresh_clone(point_id: str, overrides: list[str], cluster: Clu
     cache = Path(tempfile.gettempdir()) / "sda-dvc-cache" / node
     workdir = Path(tempfile.mkdtemp(prefix=f"sda-point-{point_id}-"))
     try:
-        clone = subprocess.run(["git", "clone", "--quiet", "--no-checkout", cluster.git_remote, str(workdir)],
-                               capture_output=True, text=True, stdin=subprocess.DEVNULL)
-        checkout = clone.returncode == 0 and subprocess.run(
-            ["git", "checkout", "--quiet", cluster.commit], cwd=workdir, capture_output=True, text=True).returncode == 0
-        if not checkout:
-            return {"point_id": point_id, "node": node, "error": f"git clone/checkout of {cluster.commit[:12]}: {clone.stderr.strip()}"}
+        for git in (["clone", "--quiet", "--no-checkout", cluster.git_remote, str(workdir)], ["-C", str(workdir), "checkout", "--quiet", cluster.commit]):
+            done = subprocess.run(["git", *git], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            if done.returncode != 0:
+                return {"point_id": point_id, "node": node, "error": f"git {git[0] if git[0] != '-C' else 'checkout'}: {done.stderr.strip()}"}
         libc = ctypes.CDLL(None, use_errno=True)
         env = dict(os.environ, MLFLOW_TRACKING_URI=cluster.tracking_uri, SDA_THREADS=str(max(1, int(cluster.cpus_per_point))),
                    PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -148,7 +146,7 @@ def run_points_on_ray(sweep_id: str, points: list[dict], cluster: Cluster) -> tu
             for point in missing:
                 lower, upstream = prefix_keys(point["params"])
                 after = [first[key] for key in (upstream, lower) if key in first][:1]
-                overrides = [f"{k}={v}" for k, v in point["overrides"].items()]
+                overrides = set_args(point["overrides"])[1::2]  # the values of its -S arguments
                 refs[point["experiment"]] = task.remote(point["experiment"], overrides, cluster, *after)
                 for key in (lower, upstream):
                     first.setdefault(key, refs[point["experiment"]])

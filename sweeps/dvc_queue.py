@@ -46,6 +46,14 @@ def dvc(*args: str, env: dict | None = None, echo: bool = True) -> str:
     return done.stdout
 
 
+def set_args(overrides: dict[str, object]) -> list[str]:
+    """`dvc exp run` arguments: ``-S key=value`` (``-S ~key`` removes; a dict of numbers is written {a:1,b:2})."""
+    def hydra_value(value) -> str:
+        return "{" + ",".join(f"{k}:{v}" for k, v in value.items()) + "}" if isinstance(value, dict) else str(value)
+
+    return [arg for key, value in overrides.items() for arg in ("-S", key if key.startswith("~") else f"{key}={hydra_value(value)}")]
+
+
 def queue_entries() -> dict[str, str]:
     """{experiment name: status} of the entries `dvc queue status` lists (Queued, Running, Success, Failed, Unknown)."""
     entries = {}

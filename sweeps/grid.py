@@ -22,7 +22,7 @@ from sda.device import usable_cores
 from sda.generators import SPLIT_SIZES
 from stages.params import ParamsError, parse_params
 from stages.track import find_point_run, finished_runs, log_sweep, open_store
-from sweeps.dvc_queue import SweepError, dvc, queue_entries, remove_queue_entries, run_queue, stop_signals_interrupt
+from sweeps.dvc_queue import SweepError, dvc, queue_entries, remove_queue_entries, run_queue, set_args, stop_signals_interrupt
 
 if TYPE_CHECKING:
     from sweeps.cluster import Cluster
@@ -123,14 +123,6 @@ def check_disk(points: list[dict], cache: Path = Path(".dvc/cache"), spare_gb: f
                          "cache to a bigger disk (`dvc cache dir PATH`), or run fewer --datasets at a time")
     print(f"disk: about {need - spare_gb:.0f} GB more in DVC's cache for {len(to_train)} pretraining configurations; {free:.0f} GB free",
           flush=True)
-
-
-def set_args(overrides: dict[str, object]) -> list[str]:
-    """`dvc exp run` arguments: ``-S key=value`` (``-S ~key`` removes; a dict of numbers is written {a:1,b:2})."""
-    def hydra_value(value) -> str:
-        return "{" + ",".join(f"{k}:{v}" for k, v in value.items()) + "}" if isinstance(value, dict) else str(value)
-
-    return [arg for key, value in overrides.items() for arg in ("-S", key if key.startswith("~") else f"{key}={hydra_value(value)}")]
 
 
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,7 +11,8 @@ import yaml
 
 from stages.params import ParamsError
 from stages.track import find_point_run, flatten
-from sweeps.grid import apply_overrides, is_pretraining_key, parse_set, set_args
+from sweeps.dvc_queue import set_args
+from sweeps.grid import apply_overrides, is_pretraining_key, parse_set
 from sweeps.noise import LEVELS, grid_points, is_grid_key
 from tests.conftest import ROOT, interrupt_after_the_first_finished_point
 
