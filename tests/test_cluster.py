@@ -218,7 +218,8 @@ def test_a_sweep_fans_out_over_both_nodes_into_one_store_and_trains_shared_layer
     assert again.returncode == 0, again.stdout + again.stderr
     assert "6 of 6 points have a finished MLflow run already; running 0" in again.stdout
     assert len([r for r in cluster.runs() if r["tags"].get("kind") != "sweep-report"]) == 6
-    print(f"\nstart-up: {cluster.started} s; memory of every service process: {cluster.memory_mib():.0f} MiB")
+    print(f"\nstart-up: {cluster.started} s; memory of every service process: {cluster.memory_mib():.0f} MiB\n"
+          + "\n".join(line for line in done.stdout.splitlines() if line.startswith("fan-")))
 
 
 def test_configuration_errors_stop_the_sweep_before_any_point_runs(cluster, repo):
