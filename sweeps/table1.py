@@ -40,7 +40,7 @@ from sda.data import DATASETS
 from sda.generators import BENCHMARKS
 from stages.common import run
 from stages.params import ParamsError, load_params
-from stages.track import flatten
+from stages.track import find_point_run, finished_runs, flatten, open_store
 from sweeps.dvc_queue import SweepError
 from sweeps.grid import (
     add_backend_arguments,
@@ -336,6 +336,20 @@ def plot_table_against_nu(summaries: list[dict], rows: list[dict], path: Path) -
     plt.close(fig)
 
 
+def finished_points(table_id: str, points: list[dict]) -> tuple[dict[str, object], dict[str, str]]:
+    """(finished MLflow run of each point that has one, {point without one: why}), running nothing."""
+    client, experiment_id, _ = open_store()
+    runs = finished_runs(client, experiment_id)
+    found, missing = {}, {}
+    for point in points:
+        point["experiment"], point["restored"] = f"{table_id}-{point['label']}", True
+        if (mlrun := find_point_run(runs, point["params"])) is not None:
+            found[point["experiment"]] = mlrun
+        else:
+            missing[point["experiment"]] = "not finished: no finished MLflow run (failed, or not run yet: run the command without --report-only)"
+    return found, missing
+
+
 def point_rows(points: list[dict], found: dict[str, object]) -> list[dict]:
     """One row per finished point: its coordinates, MLflow run, errors and seconds."""
     rows = []
@@ -386,6 +400,9 @@ def main() -> None:
                              + "; ".join(f"{axis} {values}" for axis, values in LADDERS.items()) + "; rect's epochs "
                              + str(DATASET_LADDERS["rect"]["pretrain_epochs"]))
     parser.add_argument("--rounds", type=int, help="at most this many rounds past the edges (default: until no selection is at an edge)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write the report from the finished runs in MLflow (a table still running or "
+                             "interrupted); a point without one is listed with the failed points, as not finished")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="a params.yaml value for every point, e.g. finetune.max_epochs=100 (not a grid axis: dataset, nu, epochs, rates)")
     parser.add_argument("--jobs", "-j", type=int, default=2, help="parallel queue workers (default: %(default)s)")
@@ -414,10 +431,16 @@ def main() -> None:
     shared = [("prepare", {"data.dataset": dataset}) for dataset in args.datasets]
 
     print(f"Table 1 `{table_id}`: {len(points)} points; interrupted, run it again with --id {table_id}", flush=True)
-    if cluster is None:  # the nodes' own caches are theirs to watch
+    if cluster is None and not args.report_only:  # the nodes' own caches are theirs to watch
         check_disk(points)
     started = time.perf_counter()
-    found, why = run_points(table_id, points, shared, args.jobs, threads, keep_going=True, cluster=cluster)
+
+    def run(batch: list[dict]) -> tuple[dict[str, object], dict[str, str]]:
+        if args.report_only:
+            return finished_points(table_id, batch)
+        return run_points(table_id, batch, shared, args.jobs, threads, keep_going=True, cluster=cluster)
+
+    found, why = run(points)
     rounds = 0
     while args.past_edges and (args.rounds is None or rounds < args.rounds):
         # Each round is decided by the finished runs alone, so a re-run takes the same rounds and
@@ -433,9 +456,9 @@ def main() -> None:
         new = [make_point(raw, c["dataset"], fixed[c["dataset"]], c["nu"], c["pretrain_epochs"], c["pretrain_lr"], c["finetune_lr"])
                | {"why": c["why"], "round": rounds} for c in wanted]
         print(f"past the edges, round {rounds}: {len(new)} points\n" + "\n".join(f"  {p['label']} ({p['why']})" for p in new), flush=True)
-        if cluster is None:
+        if cluster is None and not args.report_only:
             check_disk(new)
-        more_found, more_why = run_points(table_id, new, shared, args.jobs, threads, keep_going=True, cluster=cluster)
+        more_found, more_why = run(new)
         points += new
         found.update(more_found)
         why.update(more_why)
@@ -470,7 +493,10 @@ def main() -> None:
                                        "past_edges": {"axes": args.past_edges, "rounds": rounds}, "nu": [0.0, *args.nu],
                                        "datasets": summaries, "points": rows, "failed": failed, "wall_seconds": round(wall, 1)})
     plot_table_against_nu(summaries, rows, report / "test_error_vs_nu.png")
-    publish_report(table_id, found, report, {"kind_of_sweep": "table1", "datasets": ",".join(args.datasets)}, lines, len(failed))
+    if args.report_only:  # a look at the table's state: MLflow keeps the last run's report
+        print("\n".join(lines) + f"\nreport: {report}/ (not logged to MLflow: --report-only)")
+    else:
+        publish_report(table_id, found, report, {"kind_of_sweep": "table1", "datasets": ",".join(args.datasets)}, lines, len(failed))
 
 
 if __name__ == "__main__":

@@ -138,6 +138,13 @@ def test_the_table_resumes_after_an_interruption_without_retraining_a_finished_p
     before = {r.info.run_id for r in client.search_runs([experiment], "attributes.status = 'FINISHED'")}
     assert 1 <= len(before) <= 2  # the second point of the first rate may finish before the signal lands
 
+    # Where it stands, running nothing: the finished points' errors, the rest listed as not finished.
+    preview = repo.run(*command, "--report-only")
+    # The grid's points without a run, and the rate past 0.5 for each finished point at 0.5: 4 either way.
+    assert preview.stdout.count("not finished: no finished MLflow run") == 4
+    assert "report: reports/table1/t/ (not logged to MLflow: --report-only)" in preview.stdout
+    assert {r.info.run_id for r in client.search_runs([experiment], "attributes.status = 'FINISHED'")} == before  # nothing ran
+
     done = repo.run(*command)
     assert f"{len(before)} of 4 points have a finished MLflow run already; running {4 - len(before)}" in done.stdout
     runs = [r for r in client.search_runs([experiment], "attributes.status = 'FINISHED'") if r.data.tags.get("kind") != "sweep-report"]
