@@ -62,6 +62,9 @@ class Cluster:
         return done
 
     def start(self) -> None:
+        # The points' clones and the nodes' DVC caches go under the fixture's own temporary folder.
+        self.tmp = Path(tempfile.mkdtemp(prefix="sda-cluster-"))
+        self.env["TMPDIR"] = str(self.tmp)
         subprocess.run(["ip", "netns", "add", self.ns], check=True)
         self.in_ns("ip", "link", "set", "lo", "up")
         self.start_postgres()
@@ -136,7 +139,7 @@ class Cluster:
             time.sleep(0.5)
         alive = self.pids()
         subprocess.run(["ip", "netns", "del", self.ns], check=False)
-        for folder in (getattr(self, "pg", None), getattr(self, "ray_tmp", None)):
+        for folder in (getattr(self, "pg", None), getattr(self, "ray_tmp", None), getattr(self, "tmp", None)):
             if folder:
                 shutil.rmtree(folder, ignore_errors=True)
         return alive
