@@ -64,18 +64,19 @@ def load_splits(directory: str | Path, device: torch.device) -> dict[str, tuple[
     return splits
 
 
-def _exit_on_interrupt(signum, frame) -> None:
+def _exit_on_interrupt(then: str) -> None:
     # Exit at once instead of raising KeyboardInterrupt wherever the main thread happens to be: an
     # exception raised inside tqdm's write lock can deadlock the exit. Nothing is lost by not
     # unwinding: every output is written to a temporary file and renamed, so none is half-written.
-    print(f"\ninterrupted: {' '.join(sys.argv)} stopped; its outputs are incomplete and "
-          "`dvc repro` will run it again", file=sys.stderr, flush=True)
+    print(f"\ninterrupted: {' '.join(sys.argv)} stopped; {then}", file=sys.stderr, flush=True)
     os._exit(130)
 
 
-def run(main: Callable[[], None], known_errors: tuple[type[Exception], ...] = ()) -> None:
-    """Run a stage or a tool; known failures (and ``known_errors``) become one clear line on stderr and a non-zero exit."""
-    signal.signal(signal.SIGINT, _exit_on_interrupt)
+def run(main: Callable[[], None], known_errors: tuple[type[Exception], ...] = (),
+        interrupted: str = "its outputs are incomplete and `dvc repro` will run it again") -> None:
+    """Run a stage or a tool; known failures (and ``known_errors``) become one clear line on stderr and a non-zero exit.
+    Ctrl-C exits at once, saying what was stopped and then ``interrupted``."""
+    signal.signal(signal.SIGINT, lambda signum, frame: _exit_on_interrupt(interrupted))
     try:
         main()
     except (ParamsError, DataSourceError, DivergenceError, FileNotFoundError, ValueError, *known_errors) as err:

@@ -27,7 +27,7 @@ from sda.data import DATASETS
 from stages.common import run
 from stages.params import ParamsError, load_params
 from stages.track import download_artifact, flatten, log_sweep
-from sweeps.dvc_queue import SweepError
+from sweeps.dvc_queue import SWEEP_INTERRUPTED, SweepError
 from sweeps.grid import add_backend_arguments, apply_overrides, cluster_from_args, default_threads, run_points
 from sweeps.report import FILTER_LEVELS, filter_figure, plot_error_against_nu, write_table
 
@@ -117,4 +117,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main, known_errors=(SweepError,))
+    run(main, known_errors=(SweepError,), interrupted=SWEEP_INTERRUPTED)

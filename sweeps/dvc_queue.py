@@ -20,6 +20,8 @@ from typing import Callable
 import psutil
 
 STOP_HINT = "see them with `dvc queue status`, stop them with `dvc queue stop`"
+# Ctrl-C outside a queue run (between a sweep's phases or rounds) ends a sweep at once: no worker runs then.
+SWEEP_INTERRUPTED = "no queue worker was running; run the command again with the same id to finish what is missing"
 
 
 class SweepError(RuntimeError):

@@ -36,7 +36,7 @@ from sda.noise import NOISE_KINDS
 from stages.common import run
 from stages.params import ParamsError, load_params
 from stages.track import download_artifact, flatten
-from sweeps.dvc_queue import SweepError
+from sweeps.dvc_queue import SWEEP_INTERRUPTED, SweepError
 from sweeps.grid import (
     add_backend_arguments,
     apply_overrides,
@@ -246,4 +246,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main, known_errors=(SweepError,))
+    run(main, known_errors=(SweepError,), interrupted=SWEEP_INTERRUPTED)

@@ -41,7 +41,7 @@ from sda.generators import BENCHMARKS
 from stages.common import run
 from stages.params import ParamsError, load_params
 from stages.track import find_point_run, finished_runs, flatten, open_store
-from sweeps.dvc_queue import SweepError
+from sweeps.dvc_queue import SWEEP_INTERRUPTED, SweepError
 from sweeps.grid import (
     add_backend_arguments,
     apply_overrides,
@@ -500,4 +500,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main, known_errors=(SweepError,))
+    run(main, known_errors=(SweepError,), interrupted=SWEEP_INTERRUPTED)
