@@ -41,13 +41,14 @@ from sda.generators import BENCHMARKS
 from stages.common import run
 from stages.params import ParamsError, load_params
 from stages.track import find_point_run, finished_runs, flatten, open_store
-from sweeps.dvc_queue import SWEEP_INTERRUPTED, SweepError
+from sweeps.dvc_queue import SWEEP_INTERRUPTED, SweepError, queue_entries
 from sweeps.grid import (
     add_backend_arguments,
     apply_overrides,
     check_disk,
     cluster_from_args,
     default_threads,
+    failure_reason,
     parse_set,
     publish_report,
     run_points,
@@ -336,17 +337,23 @@ def plot_table_against_nu(summaries: list[dict], rows: list[dict], path: Path) -
     plt.close(fig)
 
 
+NOT_FINISHED = "not finished"
+
+
 def finished_points(table_id: str, points: list[dict]) -> tuple[dict[str, object], dict[str, str]]:
-    """(finished MLflow run of each point that has one, {point without one: why}), running nothing."""
+    """(finished MLflow run of each point that has one, {point without one: why}), running nothing:
+    why is the error line of a point this machine's DVC queue records as failed, else NOT_FINISHED."""
     client, experiment_id, _ = open_store()
     runs = finished_runs(client, experiment_id)
+    statuses = queue_entries()
     found, missing = {}, {}
     for point in points:
-        point["experiment"], point["restored"] = f"{table_id}-{point['label']}", True
+        name = point["experiment"] = f"{table_id}-{point['label']}"
+        point["restored"] = True
         if (mlrun := find_point_run(runs, point["params"])) is not None:
-            found[point["experiment"]] = mlrun
+            found[name] = mlrun
         else:
-            missing[point["experiment"]] = "not finished: no finished MLflow run (failed, or not run yet: run the command without --report-only)"
+            missing[name] = failure_reason(name) if statuses.get(name) == "Failed" else NOT_FINISHED
     return found, missing
 
 
@@ -466,6 +473,9 @@ def main() -> None:
 
     failed = [{"experiment": p["experiment"], "why": why[p["experiment"]], **{k: p[k] for k in ("dataset", "nu", *AXES)}}
               for p in points if p["experiment"] in why]
+    # --report-only: the points without a run are not failures, nor tried values.
+    not_finished = [f for f in failed if f["why"] == NOT_FINISHED]
+    failed = [f for f in failed if f not in not_finished]
     rows = point_rows(points, found)
     summaries = [summarise(dataset, [r for r in rows if r["dataset"] == dataset]) for dataset in args.datasets]
     grids = {dataset: dataset_grid(dataset, chosen) for dataset in args.datasets}
@@ -485,13 +495,16 @@ def main() -> None:
              "", "Per axis: the selected value (bold) among those tried with the other coordinates as selected "
              "(failed points count as tried).", "", *edge_table(summaries, [*rows, *failed]), "",
              "## Failed points", "", *failed_lines(failed), "",
+             *(["## Not finished", "", f"{len(not_finished)} points have no finished run yet (run the command without "
+                "--report-only to run them):", "", *[f"- {f['experiment']}" for f in not_finished], ""] if not_finished else []),
              "## Budget", "", "The best point on validation per pretraining budget: test error % (valid error %).", "",
              *budget_table(rows), "", "## Cost", "", *cost_table(rows, failed, wall), ""]
     report = Path("reports/table1") / table_id
     save_text(report / "table1.md", "\n".join(lines))
     save_json(report / "table1.json", {"id": table_id, "grid": {d: {"axes": a, "fixed": f} for d, (a, f) in grids.items()},
                                        "past_edges": {"axes": args.past_edges, "rounds": rounds}, "nu": [0.0, *args.nu],
-                                       "datasets": summaries, "points": rows, "failed": failed, "wall_seconds": round(wall, 1)})
+                                       "datasets": summaries, "points": rows, "failed": failed, "not_finished": not_finished,
+                                       "wall_seconds": round(wall, 1)})
     plot_table_against_nu(summaries, rows, report / "test_error_vs_nu.png")
     if args.report_only:  # a look at the table's state: MLflow keeps the last run's report
         print("\n".join(lines) + f"\nreport: {report}/ (not logged to MLflow: --report-only)")
