@@ -143,10 +143,17 @@ def start_and_wait_for_an_experiment(repo, code: str) -> subprocess.Popen:
     sweep = subprocess.Popen([sys.executable, "-c", code], cwd=repo.path, env={**repo.env, "PYTHONPATH": str(ROOT)},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 90
-    while not [p for p in repo_processes(repo.path) if "time.sleep" in " ".join(p.cmdline())]:
+    while not any("time.sleep" in command_line(p) for p in repo_processes(repo.path)):
         assert time.monotonic() < deadline and sweep.poll() is None, "no experiment started"
         time.sleep(0.2)
     return sweep
+
+
+def command_line(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # it exited since it was listed
+        return ""
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])

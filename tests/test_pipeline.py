@@ -49,7 +49,7 @@ def test_repro_runs_all_then_nothing_then_only_what_a_param_change_touches(pipel
     plots = repo.run("dvc", "plots", "show")
     assert "failed to load" not in plots.stdout + plots.stderr
     html = (repo.path / "dvc_plots/index.html").read_text()
-    assert "reconstruction cross-entropy of layer3" in html and "fine-tuning error" in html
+    assert "reconstruction loss of layer3" in html and "fine-tuning error" in html
     assert "filters.png" in html and "gallery_train.png" in html
 
     client, runs = finished_runs(repo)
