@@ -262,9 +262,10 @@ def selection_table(summaries: list[dict]) -> list[str]:
     return lines
 
 
-def cost_table(rows: list[dict], failed: list[dict], wall_seconds: float) -> list[str]:
+def cost_table(rows: list[dict], failed: list[dict], wall_seconds: float | None) -> list[str]:
     """Points run, restored and failed, and the training minutes of a point (pretraining counted once
-    per configuration it trained, fine-tuning per point), from the seconds each stage recorded."""
+    per configuration it trained, fine-tuning per point), from the seconds each stage recorded;
+    ``wall_seconds`` None: a report that ran nothing (--report-only)."""
     lines = ["| dataset | points | run now | restored | failed | pretraining min per configuration | fine-tuning min per point |",
              "|---|---|---|---|---|---|---|"]
     for dataset in dict.fromkeys(r["dataset"] for r in [*rows, *failed]):
@@ -275,6 +276,9 @@ def cost_table(rows: list[dict], failed: list[dict], wall_seconds: float) -> lis
                    if mine else "- | -")
         lines.append(f"| {dataset} | {len(mine) + lost} | {sum(not r['restored'] for r in mine)} | {sum(r['restored'] for r in mine)} | "
                      f"{lost} | {minutes} |")
+    if wall_seconds is None:
+        return lines + ["", f"Written by --report-only: nothing ran ({len(rows)} finished points found in the MLflow store, "
+                            f"{len(failed)} failed); the wall time of the last run is in the report it logged to MLflow."]
     lines += ["", f"Wall time of this command: {wall_seconds / 60:.1f} min ({sum(not r['restored'] for r in rows)} points run, "
               f"{sum(r['restored'] for r in rows)} restored from the MLflow store, {len(failed)} failed)."]
     return lines
@@ -498,7 +502,7 @@ def main() -> None:
              *(["## Not finished", "", f"{len(not_finished)} points have no finished run yet (run the command without "
                 "--report-only to run them):", "", *[f"- {f['experiment']}" for f in not_finished], ""] if not_finished else []),
              "## Budget", "", "The best point on validation per pretraining budget: test error % (valid error %).", "",
-             *budget_table(rows), "", "## Cost", "", *cost_table(rows, failed, wall), ""]
+             *budget_table(rows), "", "## Cost", "", *cost_table(rows, failed, None if args.report_only else wall), ""]
     report = Path("reports/table1") / table_id
     save_text(report / "table1.md", "\n".join(lines))
     save_json(report / "table1.json", {"id": table_id, "grid": {d: {"axes": a, "fixed": f} for d, (a, f) in grids.items()},
