@@ -56,6 +56,14 @@ def set_args(overrides: dict[str, object]) -> list[str]:
     return [arg for key, value in overrides.items() for arg in ("-S", key if key.startswith("~") else f"{key}={hydra_value(value)}")]
 
 
+def error_line(output: str, empty: str, prefixes: tuple[str, ...] = ("error:",)) -> str:
+    """The last line of ``output`` starting with one of ``prefixes`` (the stages print one
+    `error: ...` line; dvc itself writes `ERROR: ...`), else its last line, else ``empty``."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(prefixes)]
+    return (errors or lines or [empty])[-1]
+
+
 def queue_entries() -> dict[str, str]:
     """{experiment name: status} of the entries `dvc queue status` lists (Queued, Running, Success, Failed, Unknown)."""
     entries = {}

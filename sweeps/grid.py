@@ -22,7 +22,16 @@ from sda.device import usable_cores
 from sda.generators import SPLIT_SIZES
 from stages.params import ParamsError, parse_params
 from stages.track import find_point_run, finished_runs, log_sweep, open_store
-from sweeps.dvc_queue import SweepError, dvc, queue_entries, remove_queue_entries, run_queue, set_args, stop_signals_interrupt
+from sweeps.dvc_queue import (
+    SweepError,
+    dvc,
+    error_line,
+    queue_entries,
+    remove_queue_entries,
+    run_queue,
+    set_args,
+    stop_signals_interrupt,
+)
 
 if TYPE_CHECKING:
     from sweeps.cluster import Cluster
@@ -247,11 +256,9 @@ def remove_experiments(names: list[str]) -> None:
 def failure_reason(name: str) -> str:
     """The error line of a failed point's log (the stages print one `error: ...` line), or its last line."""
     try:
-        lines = [line.strip() for line in dvc("queue", "logs", name, echo=False).splitlines() if line.strip()]
+        return error_line(dvc("queue", "logs", name, echo=False), "empty log")
     except SweepError as err:
         return f"no log: {str(err).splitlines()[0]}"
-    errors = [line for line in lines if line.startswith("error:")]
-    return (errors or lines or ["empty log"])[-1]
 
 
 def run_batch(batch: list[str], points: dict[str, dict], jobs: int, threads: int, env: dict) -> dict[str, str]:

@@ -19,6 +19,7 @@ import sys
 import time
 
 from stages.track import ATTEMPT_RUN_VARIABLE, fail_point_attempt, start_point_attempt
+from sweeps.dvc_queue import error_line
 
 
 def dvc(*args: str, env: dict) -> subprocess.CompletedProcess:
@@ -28,10 +29,8 @@ def dvc(*args: str, env: dict) -> subprocess.CompletedProcess:
     return done
 
 
-def error_line(done: subprocess.CompletedProcess) -> str:
-    lines = [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith(("error:", "ERROR:"))]
-    return (errors or lines or [f"exit code {done.returncode}"])[-1]
+def failure(done: subprocess.CompletedProcess) -> str:
+    return error_line(done.stdout + done.stderr, f"exit code {done.returncode}", prefixes=("error:", "ERROR:"))
 
 
 def main() -> None:
@@ -54,7 +53,7 @@ def main() -> None:
                   *([["cache", "dir", "--local", args.cache]] if args.cache else [])):
         done = dvc(*setup, env=env)
         if done.returncode != 0:
-            print(json.dumps(summary | {"error": f"dvc {' '.join(setup[:2])}: {error_line(done)}"}))
+            print(json.dumps(summary | {"error": f"dvc {' '.join(setup[:2])}: {failure(done)}"}))
             sys.exit(1)
     run_id, attempt = start_point_attempt(args.point_id, args.node)
     summary.update(run_id=run_id, attempt=attempt)
@@ -69,7 +68,7 @@ def main() -> None:
         if step[:2] == ("exp", "run"):
             summary["ran"] = [line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage '")]
         if done.returncode != 0:
-            summary["error"] = f"dvc {' '.join(step[:2])}: {error_line(done)}"
+            summary["error"] = f"dvc {' '.join(step[:2])}: {failure(done)}"
             break
     if summary["error"]:
         fail_point_attempt(run_id)
