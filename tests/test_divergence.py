@@ -26,6 +26,9 @@ def test_the_rule_flags_non_finite_and_absurd_losses_only():
     for loss in (math.nan, math.inf):
         with pytest.raises(DivergenceError, match=f"^finetune: training loss became {loss} at epoch 2"):
             check_epoch_loss("finetune", 2, loss, 2.3, 0.1)
+    # a decayed rate reads as the number it is, not its float64 expansion
+    with pytest.raises(DivergenceError, match=r"\(lr=3\.095\); lower the learning rate$"):
+        check_epoch_loss("finetune", 4, 1000.0, 2.3, 4.0 * 0.95**5)
 
 
 def test_pretraining_at_an_absurd_rate_stops_at_its_first_epoch(digits):
