@@ -364,6 +364,32 @@ def find_point_run(runs: list, expected: dict[str, object], in_scope: Callable[[
     return None
 
 
+def mark_restored(points: list[dict]) -> None:
+    """Set each point's ``restored``: whether a finished run of its params is in the store already.
+    Opens (creates) the store first, so that it exists before any worker writes to it."""
+    client, experiment_id, _ = open_store()
+    runs = finished_runs(client, experiment_id)
+    for point in points:
+        point["restored"] = find_point_run(runs, point["params"]) is not None
+
+
+def point_runs(points: list[dict], failed: dict[str, str]) -> dict[str, object]:
+    """{experiment name: newest finished run of its params} for the points not in ``failed``; a
+    point that ran without failing but has no such run is added to ``failed``, saying so."""
+    client, experiment_id, uri = open_store()
+    runs = finished_runs(client, experiment_id)  # a re-run of an unchanged point finds the earlier run: no duplicate
+    found = {}
+    for point in points:
+        name = point["experiment"]
+        if name in failed:
+            continue
+        if (run := find_point_run(runs, point["params"])) is None:
+            failed[name] = f"the point ran but no finished MLflow run with its params is in {uri}"
+        else:
+            found[name] = run
+    return found
+
+
 def log_sweep(sweep_id: str, point_runs: dict[str, str], report_dir: Path, tags: dict[str, str]) -> str:
     """One parent run holding the sweep's report; the point runs become its children.
 

@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from stages.track import find_point_run, finished_runs, open_store
+from stages.track import mark_restored, point_runs
 from sweeps.dvc_queue import SweepError, set_args
 
 # A Ray worker that dies (its node killed, say) sends its point's process group SIGTERM: Linux's
@@ -120,10 +120,7 @@ def run_points_on_ray(sweep_id: str, points: list[dict], cluster: Cluster) -> tu
     for point in points:
         point["experiment"] = f"{sweep_id}-{point['label']}"
     check_services(cluster)
-    client, experiment_id, uri = open_store()
-    runs = finished_runs(client, experiment_id)
-    for point in points:
-        point["restored"] = find_point_run(runs, point["params"]) is not None
+    mark_restored(points)
     missing = [point for point in points if not point["restored"]]
     print(f"{len(points) - len(missing)} of {len(points)} points have a finished MLflow run already; running {len(missing)} "
           f"on the Ray cluster at {cluster.ray_address}", flush=True)
@@ -172,13 +169,4 @@ def run_points_on_ray(sweep_id: str, points: list[dict], cluster: Cluster) -> tu
         finally:
             ray.shutdown()
 
-    runs = finished_runs(client, experiment_id)
-    found = {}
-    for point in points:
-        name = point["experiment"]
-        if name not in failed:
-            found[name] = find_point_run(runs, point["params"])
-            if found[name] is None:
-                failed[name] = f"the point succeeded but no finished MLflow run with its params is in {uri}"
-                del found[name]
-    return found, failed
+    return point_runs(points, failed), failed

@@ -21,7 +21,7 @@ import yaml
 from sda.device import usable_cores
 from sda.generators import SPLIT_SIZES
 from stages.params import ParamsError, parse_params
-from stages.track import find_point_run, finished_runs, log_sweep, open_store
+from stages.track import find_point_run, finished_runs, log_sweep, mark_restored, open_store, point_runs
 from sweeps.dvc_queue import (
     SweepError,
     dvc,
@@ -207,10 +207,7 @@ def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]]
     try:
         with stop_signals_interrupt():
             check_queue_empty(sweep_id)
-            client, experiment_id, uri = open_store()  # the store exists before any worker writes to it
-            runs = finished_runs(client, experiment_id)
-            for point in points:
-                point["restored"] = find_point_run(runs, point["params"]) is not None
+            mark_restored(points)
             missing = {name: point for name, point in names.items() if not point["restored"]}
             print(f"{len(points) - len(missing)} of {len(points)} points have a finished MLflow run already; running {len(missing)}",
                   flush=True)
@@ -232,14 +229,7 @@ def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]]
         raise SweepError(f"interrupted: nothing of the sweep is left queued or running; run the command again "
                          f"(with --id {sweep_id}, where the id was not given) to finish what is missing") from None
 
-    runs = finished_runs(client, experiment_id)  # a re-run of an unchanged point finds the earlier run: no duplicate
-    found = {}
-    for name, point in names.items():
-        if name not in failed:
-            found[name] = find_point_run(runs, point["params"])
-            if found[name] is None:
-                failed[name] = f"the experiment succeeded but no finished MLflow run with its params is in {uri}"
-                del found[name]
+    found = point_runs(points, failed)
     if failed and not keep_going:
         raise SweepError("\n".join(f"{name}: {why}" for name, why in failed.items()))
     return found, failed
