@@ -439,6 +439,8 @@ def main() -> None:
     table_id = args.id or time.strftime("table1-%Y%m%d-%H%M%S")
     extra = parse_set(args.set, is_grid_key, GRID_OPTIONS)
     points = grid_points(raw, args.datasets, args.nu, chosen, extra)
+    grids = {dataset: dataset_grid(dataset, chosen) for dataset in args.datasets}
+    fixed_by_dataset = {dataset: fixed | extra for dataset, (_, fixed) in grids.items()}
     shared = [("prepare", {"data.dataset": dataset}) for dataset in args.datasets]
 
     print(f"Table 1 `{table_id}`: {len(points)} points; interrupted, run it again with --id {table_id}", flush=True)
@@ -463,8 +465,7 @@ def main() -> None:
         if not wanted:
             break
         rounds += 1
-        fixed = {dataset: dataset_grid(dataset, chosen)[1] | extra for dataset in args.datasets}
-        new = [make_point(raw, c["dataset"], fixed[c["dataset"]], c["nu"], c["pretrain_epochs"], c["pretrain_lr"], c["finetune_lr"])
+        new = [make_point(raw, c["dataset"], fixed_by_dataset[c["dataset"]], c["nu"], c["pretrain_epochs"], c["pretrain_lr"], c["finetune_lr"])
                | {"why": c["why"], "round": rounds} for c in wanted]
         print(f"past the edges, round {rounds}: {len(new)} points\n" + "\n".join(f"  {p['label']} ({p['why']})" for p in new), flush=True)
         if cluster is None and not args.report_only:
@@ -482,7 +483,6 @@ def main() -> None:
     failed = [f for f in failed if f not in not_finished]
     rows = point_rows(points, found)
     summaries = [summarise(dataset, [r for r in rows if r["dataset"] == dataset]) for dataset in args.datasets]
-    grids = {dataset: dataset_grid(dataset, chosen) for dataset in args.datasets}
     grid_lines = [f"- {dataset}: nu {', '.join(f'{nu:g}' for nu in [0.0, *args.nu])} x pretraining epochs "
                   f"{axes['pretrain_epochs']} x pretraining lr {axes['pretrain_lr']} x fine-tuning lr {axes['finetune_lr']}"
                   + (f"; {', '.join(f'{k} {v}' for k, v in fixed.items())}" if fixed else "")
