@@ -28,7 +28,7 @@ from stages.common import run
 from stages.params import ParamsError, load_params
 from stages.track import download_artifact, flatten, log_sweep
 from sweeps.dvc_queue import SWEEP_INTERRUPTED, SweepError
-from sweeps.grid import add_backend_arguments, apply_overrides, cluster_from_args, default_threads, run_points
+from sweeps.grid import add_run_arguments, apply_overrides, run_points, run_settings
 from sweeps.report import FILTER_LEVELS, filter_figure, plot_error_against_nu, write_table
 
 DEFAULT_NU = (0.0, 0.1, 0.25, 0.4, 0.5)
@@ -60,12 +60,11 @@ def main() -> None:
     parser.add_argument("--layers", nargs="+", default=["all"], help="layers whose corruption is swept: all, or names such as layer3 (default: all)")
     parser.add_argument("--dataset", choices=DATASETS, help="dataset for every point (default: params.yaml's)")
     parser.add_argument("--seeds", type=int, nargs="+", help="run every nu once per seed (default: params.yaml's seed only)")
-    parser.add_argument("--jobs", "-j", type=int, default=2, help="parallel queue workers (default: %(default)s)")
-    parser.add_argument("--threads", type=int, help="torch threads per worker (default: cores / jobs, at least 1)")
     parser.add_argument("--sweep-id", help="name of the sweep (default: sweep-<date>-<time>)")
     parser.add_argument("--params", default="params.yaml", help=argparse.SUPPRESS)
-    add_backend_arguments(parser)
+    add_run_arguments(parser)
     args = parser.parse_args()
+    threads, cluster = run_settings(args)
 
     params = load_params(args.params)
     layer_names = [l.name for l in params.layers]
@@ -73,14 +72,10 @@ def main() -> None:
     for layer in layers:
         if layer not in layer_names:
             raise ParamsError(f"--layers: {layer!r} is not a layer of params.yaml ({', '.join(layer_names)}) or 'all'")
-    if args.jobs < 1:
-        raise ParamsError(f"--jobs: must be an integer >= 1, got {args.jobs}")
     if len(set(args.nu)) != len(args.nu):
         raise ParamsError(f"--nu: values must be distinct, got {args.nu}")
     if args.seeds and len(set(args.seeds)) != len(args.seeds):
         raise ParamsError(f"--seeds: values must be distinct, got {args.seeds}")
-    threads = args.threads or default_threads(args.jobs)
-    cluster = cluster_from_args(args, cpus_per_point=args.threads or 1)
     points = sweep_points(yaml.safe_load(Path(args.params).read_text()), args.nu, layers, args.dataset, args.seeds)
     sweep_id = args.sweep_id or time.strftime("sweep-%Y%m%d-%H%M%S")
 

@@ -134,8 +134,11 @@ def check_disk(points: list[dict], cache: Path = Path(".dvc/cache"), spare_gb: f
           flush=True)
 
 
-def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
-    """--backend and the cluster's options, the same for every sweep command."""
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """--jobs, --threads, --backend and the cluster's options, the same for every sweep command."""
+    parser.add_argument("--jobs", "-j", type=int, default=2, help="parallel queue workers (default: %(default)s)")
+    parser.add_argument("--threads", type=int, help="torch threads per point (default: cores / jobs, at least 1; with --backend ray: 1, "
+                                                    "and each point asks Ray for as many CPUs)")
     parser.add_argument("--backend", choices=("queue", "ray"), default="queue",
                         help="queue: DVC's experiment queue on this machine (default); ray: a Ray cluster, one fresh clone per point "
                              "(README, 'Sweeps on a cluster')")
@@ -144,7 +147,15 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--git-remote", help="the git remote the nodes clone and push experiments to (default: origin's URL)")
     group.add_argument("--dvc-remote", help="the DVC remote URL every node pulls stages from and pushes them to (default: the repo's default remote's URL)")
     group.add_argument("--retries", type=int, default=3, help="attempts a point gets on other nodes when its node dies (default: %(default)s)")
-    # Each point asks Ray for --threads CPUs (default 1), and gets as many torch threads.
+
+
+def run_settings(args: argparse.Namespace) -> tuple[int, "Cluster | None"]:
+    """(torch threads per point, the cluster --backend ray names or None) from add_run_arguments' options, checked."""
+    if args.jobs < 1:
+        raise ParamsError(f"--jobs: must be an integer >= 1, got {args.jobs}")
+    if args.threads is not None and args.threads < 1:
+        raise ParamsError(f"--threads: must be an integer >= 1, got {args.threads}")
+    return args.threads or max(1, usable_cores() // args.jobs), cluster_from_args(args, cpus_per_point=args.threads or 1)
 
 
 def cluster_from_args(args: argparse.Namespace, cpus_per_point: int) -> "Cluster | None":
@@ -281,10 +292,6 @@ def run_batch(batch: list[str], points: dict[str, dict], jobs: int, threads: int
               for name in batch if statuses.get(name) != "Success"}
     print(f"{len(batch) - len(failed)} points done, {len(failed)} failed, in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     return failed
-
-
-def default_threads(jobs: int) -> int:
-    return max(1, usable_cores() // jobs)
 
 
 def publish_report(sweep_id: str, found: dict[str, object], report_dir: Path, tags: dict[str, str], lines: list[str],

@@ -38,14 +38,13 @@ from stages.params import ParamsError, load_params
 from stages.track import download_artifact, flatten
 from sweeps.dvc_queue import SWEEP_INTERRUPTED, SweepError
 from sweeps.grid import (
-    add_backend_arguments,
+    add_run_arguments,
     apply_overrides,
     check_disk,
-    cluster_from_args,
-    default_threads,
     parse_set,
     publish_report,
     run_points,
+    run_settings,
 )
 from sweeps.report import filter_figure
 
@@ -197,14 +196,10 @@ def main() -> None:
     parser.add_argument("--no-emphasis", action="store_true", help="plain loss only")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="a params.yaml value for every point, e.g. finetune.max_epochs=10 (not the dataset, engine or noise keys)")
-    parser.add_argument("--jobs", "-j", type=int, default=2, help="parallel queue workers (default: %(default)s)")
-    parser.add_argument("--threads", type=int, help="torch threads per worker (default: cores / jobs)")
     parser.add_argument("--id", help="name of this comparison: experiment names and the report's folder (default: noise-<date>-<time>)")
-    add_backend_arguments(parser)
+    add_run_arguments(parser)
     args = parser.parse_args()
-    cluster = cluster_from_args(args, cpus_per_point=args.threads or 1)
-    if args.jobs < 1:
-        raise ParamsError(f"--jobs: must be an integer >= 1, got {args.jobs}")
+    threads, cluster = run_settings(args)
     levels = {kind: getattr(args, kind) for kind in LEVELS if kind in args.kinds}
     for kind, values in levels.items():
         if len(set(values)) != len(values) or any(v <= 0 for v in values):
@@ -220,7 +215,7 @@ def main() -> None:
         check_disk(points)
     started = time.perf_counter()
     shared = [("prepare", {"data.dataset": dataset}) for dataset in args.datasets]
-    found, failed = run_points(noise_id, points, shared, args.jobs, args.threads or default_threads(args.jobs), keep_going=True, cluster=cluster)
+    found, failed = run_points(noise_id, points, shared, args.jobs, threads, keep_going=True, cluster=cluster)
     wall = time.perf_counter() - started
 
     rows = []

@@ -43,15 +43,14 @@ from stages.params import ParamsError, load_params
 from stages.track import find_point_run, finished_runs, flatten, open_store
 from sweeps.dvc_queue import SWEEP_INTERRUPTED, SweepError, queue_entries
 from sweeps.grid import (
-    add_backend_arguments,
+    add_run_arguments,
     apply_overrides,
     check_disk,
-    cluster_from_args,
-    default_threads,
     failure_reason,
     parse_set,
     publish_report,
     run_points,
+    run_settings,
 )
 
 # ICML 2008 Table 1 (../shared/paper/tables.md): test error %, half-width of the 95% CI, SdA-3's nu.
@@ -416,15 +415,10 @@ def main() -> None:
                              "interrupted); a point without one is listed with the failed points, as not finished")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="a params.yaml value for every point, e.g. finetune.max_epochs=100 (not a grid axis: dataset, nu, epochs, rates)")
-    parser.add_argument("--jobs", "-j", type=int, default=2, help="parallel queue workers (default: %(default)s)")
-    parser.add_argument("--threads", type=int, help="torch threads per worker (default: cores / jobs)")
     parser.add_argument("--id", help="name of this reproduction: experiment names and the report's folder (default: table1-<date>-<time>)")
-    add_backend_arguments(parser)
+    add_run_arguments(parser)
     args = parser.parse_args()
-    cluster = cluster_from_args(args, cpus_per_point=args.threads or 1)
-    threads = args.threads or default_threads(args.jobs)
-    if args.jobs < 1:
-        raise ParamsError(f"--jobs: must be an integer >= 1, got {args.jobs}")
+    threads, cluster = run_settings(args)
     if args.rounds is not None and args.rounds < 0:
         raise ParamsError(f"--rounds: must be an integer >= 0, got {args.rounds}")
     if any(nu <= 0 for nu in args.nu) or len(set(args.nu)) != len(args.nu):

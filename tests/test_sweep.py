@@ -108,3 +108,6 @@ def test_bad_sweep_arguments_name_the_option(pipeline_repo):
     assert done.returncode == 2 and "error: --nu 1.2: pretrain.layer1.corruption: must be a number in [0, 1)" in done.stderr
     done = repo.run(sys.executable, "-m", "sweeps.ablate", "--layers", "layer7", check=False)
     assert done.returncode == 2 and "error: --layers: 'layer7' is not a layer" in done.stderr
+    for option, value in (("--jobs", "0"), ("--threads", "-1")):
+        done = repo.run(sys.executable, "-m", "sweeps.ablate", option, value, check=False)
+        assert done.returncode == 2 and f"error: {option}: must be an integer >= 1, got {value}" in done.stderr
