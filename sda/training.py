@@ -25,6 +25,10 @@ ENGINES = ("fused", "autograd")
 DIVERGENCE_FACTOR = 10.0
 
 
+# Ends every divergence message: the sweeps tell a diverged point from other failures by it.
+DIVERGED = "lower the learning rate"
+
+
 class DivergenceError(RuntimeError):
     """The training loss became NaN or infinite, or grew far above the untrained model's (check_epoch_loss)."""
 
@@ -44,11 +48,11 @@ def check_epoch_loss(name: str, epoch: int, loss: float, initial_loss: float, lr
     which would otherwise train on and save a useless model.
     """
     if not math.isfinite(loss):
-        raise DivergenceError(f"{name}: training loss became {loss} at epoch {epoch} (lr={lr:.4g}); lower the learning rate")
+        raise DivergenceError(f"{name}: training loss became {loss} at epoch {epoch} (lr={lr:.4g}); {DIVERGED}")
     if loss > DIVERGENCE_FACTOR * initial_loss:
         raise DivergenceError(
             f"{name}: training loss {loss:.4g} at epoch {epoch} is over {DIVERGENCE_FACTOR:g} times the untrained "
-            f"model's {initial_loss:.4g}: training diverged (lr={lr:.4g}); lower the learning rate"
+            f"model's {initial_loss:.4g}: training diverged (lr={lr:.4g}); {DIVERGED}"
         )
 
 

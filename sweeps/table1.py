@@ -18,8 +18,10 @@ restore them from DVC's run-cache.
 A point that fails (a fine-tuning that diverges, for instance) is listed in the report with its
 error line and left out of the selection; the other points go on. Interrupted? Run the same
 command again: points with a finished MLflow run of the same params are not run again, stages DVC
-finished are restored from its run-cache, and failed points are retried. Before anything runs,
-the command checks that the disk can hold what DVC's cache will gain.
+finished are restored from its run-cache, and failed points are retried, except those whose
+training diverged when this machine's queue last ran them (the same params, seed and code diverge
+again; --retry-diverged runs them). Before anything runs, the command checks that the disk can
+hold what DVC's cache will gain.
 
 Writes reports/table1/<id>/: table1.md (ours beside the paper's, inside / better / worse than the
 paper's 95% CI; the grid; the selected points; the failed points; the error by pretraining
@@ -38,6 +40,7 @@ import yaml
 from sda.artifacts import atomic_path, save_json, save_text
 from sda.data import DATASETS
 from sda.generators import BENCHMARKS
+from sda.training import DIVERGED
 from stages.common import run
 from stages.params import ParamsError, load_params
 from stages.track import find_point_run, finished_runs, flatten, open_store
@@ -360,6 +363,13 @@ def finished_points(table_id: str, points: list[dict]) -> tuple[dict[str, object
     return found, missing
 
 
+def diverged_points(table_id: str, points: list[dict]) -> dict[str, str]:
+    """{point: its error line} of the points without a finished run whose training diverged when
+    this machine's DVC queue last ran them: deterministic for the same params, seed and code."""
+    _, missing = finished_points(table_id, points)
+    return {name: why for name, why in missing.items() if DIVERGED in why}
+
+
 def point_rows(points: list[dict], found: dict[str, object]) -> list[dict]:
     """One row per finished point: its coordinates, MLflow run, errors and seconds."""
     rows = []
@@ -413,6 +423,9 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write the report from the finished runs in MLflow (a table still running or "
                              "interrupted); a point without one is listed with the failed points, as not finished")
+    parser.add_argument("--retry-diverged", action="store_true",
+                        help="also run again the points whose training diverged when this machine's DVC queue last ran them "
+                             "(default: listed as failed with that error, not run)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="a params.yaml value for every point, e.g. finetune.max_epochs=100 (not a grid axis: dataset, nu, epochs, rates)")
     parser.add_argument("--id", help="name of this reproduction: experiment names and the report's folder (default: table1-<date>-<time>)")
@@ -445,7 +458,13 @@ def main() -> None:
     def run(batch: list[dict]) -> tuple[dict[str, object], dict[str, str]]:
         if args.report_only:
             return finished_points(table_id, batch)
-        return run_points(table_id, batch, shared, args.jobs, threads, keep_going=True, cluster=cluster)
+        diverged = {} if args.retry_diverged or cluster is not None else diverged_points(table_id, batch)
+        if diverged:
+            print(f"{len(diverged)} points diverged when last run here; not run again (--retry-diverged runs them):\n"
+                  + "\n".join(f"  {name}: {why}" for name, why in diverged.items()), flush=True)
+        found, why = run_points(table_id, [p for p in batch if f"{table_id}-{p['label']}" not in diverged], shared, args.jobs, threads,
+                                keep_going=True, cluster=cluster)
+        return found, why | diverged
 
     found, why = run(points)
     rounds = 0
