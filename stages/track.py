@@ -373,7 +373,7 @@ def mark_restored(points: list[dict]) -> None:
         point["restored"] = find_point_run(runs, point["params"]) is not None
 
 
-def point_runs(points: list[dict], failed: dict[str, str]) -> dict[str, object]:
+def finished_point_runs(points: list[dict], failed: dict[str, str]) -> dict[str, object]:
     """{experiment name: newest finished run of its params} for the points not in ``failed``; a
     point that ran without failing but has no such run is added to ``failed``, saying so."""
     client, experiment_id, uri = open_store()

@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from stages.track import mark_restored, point_runs
+from stages.track import finished_point_runs, mark_restored
 from sweeps.dvc_queue import SweepError, set_args
 
 # A Ray worker that dies (its node killed, say) sends its point's process group SIGTERM: Linux's
@@ -169,4 +169,4 @@ def run_points_on_ray(sweep_id: str, points: list[dict], cluster: Cluster) -> tu
         finally:
             ray.shutdown()
 
-    return point_runs(points, failed), failed
+    return finished_point_runs(points, failed), failed

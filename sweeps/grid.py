@@ -21,7 +21,7 @@ import yaml
 from sda.device import usable_cores
 from sda.generators import SPLIT_SIZES
 from stages.params import ParamsError, parse_params
-from stages.track import find_point_run, finished_runs, log_sweep, mark_restored, open_store, point_runs
+from stages.track import find_point_run, finished_point_runs, finished_runs, log_sweep, mark_restored, open_store
 from sweeps.dvc_queue import (
     SweepError,
     dvc,
@@ -240,7 +240,7 @@ def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]]
         raise SweepError(f"interrupted: nothing of the sweep is left queued or running; run the command again "
                          f"(with --id {sweep_id}, where the id was not given) to finish what is missing") from None
 
-    found = point_runs(points, failed)
+    found = finished_point_runs(points, failed)
     if failed and not keep_going:
         raise SweepError("\n".join(f"{name}: {why}" for name, why in failed.items()))
     return found, failed
