@@ -295,12 +295,12 @@ def run_batch(batch: list[str], points: dict[str, dict], jobs: int, threads: int
 
 
 def publish_report(sweep_id: str, found: dict[str, object], report_dir: Path, tags: dict[str, str], lines: list[str],
-                   failed: int) -> None:
+                   failed: int, retried: str = "them") -> None:
     """Log the report as the MLflow parent run of the points in ``found``, print it, and say where
-    it is and how to retry the ``failed`` points."""
+    it is and which of the ``failed`` points running the command again ``retried``."""
     parent = log_sweep(sweep_id, {name: r.info.run_id for name, r in found.items()}, report_dir, tags)
     print("\n".join(lines))
     files = ", ".join(sorted(path.name for path in report_dir.iterdir()))
     print(f"report: {report_dir}/ ({files}); MLflow: parent run {parent} with {len(found)} child runs")
     if failed:
-        print(f"{failed} points failed (listed in the report); running the command again retries them")
+        print(f"{failed} points failed (listed in the report); running the command again retries {retried}")

@@ -526,7 +526,8 @@ def main() -> None:
     if args.report_only:  # a look at the table's state: MLflow keeps the last run's report
         print("\n".join(lines) + f"\nreport: {report}/ (not logged to MLflow: --report-only)")
     else:
-        publish_report(table_id, found, report, {"kind_of_sweep": "table1", "datasets": ",".join(args.datasets)}, lines, len(failed))
+        publish_report(table_id, found, report, {"kind_of_sweep": "table1", "datasets": ",".join(args.datasets)}, lines, len(failed),
+                       "them" if args.retry_diverged or cluster is not None else "those that did not diverge (--retry-diverged: all)")
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ def test_the_table_resumes_after_an_interruption_without_retraining_a_finished_p
         assert "Stage 'pretrain@layer3' is cached - skipping run" in log and "training diverged (lr=1000)" in log
         log = repo.run("dvc", "queue", "logs", f"t-digits-nu{nu}-e3-plr0p1-flr0p25").stdout
         assert "Stage 'pretrain@layer3' is cached - skipping run" in log and "Running stage 'finetune'" in log
-    assert "2 points failed (listed in the report); running the command again retries them" in done.stdout
+    assert "2 points failed (listed in the report); running the command again retries those that did not diverge" in done.stdout
     report = json.loads((repo.path / "reports/table1/t/table1.json").read_text())
     assert [s["dataset"] for s in report["datasets"]] == ["digits"]
     assert report["datasets"][0]["sda3"]["nu"] == 0.25 and report["datasets"][0]["saa3"]["nu"] == 0
