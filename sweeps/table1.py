@@ -454,11 +454,13 @@ def main() -> None:
     if cluster is None and not args.report_only:  # the nodes' own caches are theirs to watch
         check_disk(points)
     started = time.perf_counter()
+    # Failures of --backend ray are not in this machine's queue: nothing to tell a diverged point by.
+    skip_diverged = not args.retry_diverged and cluster is None
 
     def run(batch: list[dict]) -> tuple[dict[str, object], dict[str, str]]:
         if args.report_only:
             return finished_points(table_id, batch)
-        diverged = {} if args.retry_diverged or cluster is not None else diverged_points(table_id, batch)
+        diverged = diverged_points(table_id, batch) if skip_diverged else {}
         if diverged:
             print(f"{len(diverged)} points diverged when last run here; not run again (--retry-diverged runs them):\n"
                   + "\n".join(f"  {name}: {why}" for name, why in diverged.items()), flush=True)
@@ -527,7 +529,7 @@ def main() -> None:
         print("\n".join(lines) + f"\nreport: {report}/ (not logged to MLflow: --report-only)")
     else:
         publish_report(table_id, found, report, {"kind_of_sweep": "table1", "datasets": ",".join(args.datasets)}, lines, len(failed),
-                       "them" if args.retry_diverged or cluster is not None else "those that did not diverge (--retry-diverged: all)")
+                       "those that did not diverge (--retry-diverged: all)" if skip_diverged else "them")
 
 
 if __name__ == "__main__":
