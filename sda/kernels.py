@@ -2,16 +2,26 @@
 
 They fuse the elementwise parts of the CPU training steps, compute the products of a layer whose
 input is mostly zeros from its nonzeros only, and fine-tuning's backward products in one pass over
-each weight (bench/README.md). kernels.c is plain C99 without torch's headers, so a build takes ~0.1 s (a torch C++ extension takes half a minute)
-and runs in every process that first asks for it, into a temporary directory: no cache to go
-stale, nothing shared between parallel stages. Where no compiler builds it, ``cpu_kernels``
-returns None after one warning that says why, and the callers keep to their torch code: the same
-quantities and the same masks for a seed, a pretraining epoch about 2x slower (layer 1 of MNIST at
-nu 0.1: 11.8k against 24.7k examples/s on a 2-core Intel Xeon, 2026-12-07).
+each weight (bench/README.md). kernels.c is plain C99 without torch's headers.
+
+A build takes 2.4 s of CPU with -O3 and -march=native (2-core Intel Xeon), which every stage
+would pay, so the library is kept in ``$SDA_CACHE_DIR/kernels/`` under a hash of everything the
+build depends on: the source, the compiler's command and ``--version``, the flag sets tried, and
+the CPU (``-march=native`` code must not run on another CPU sharing the cache directory). A change
+of any of these builds anew; parallel stages each build into their own directory and the first
+to finish is kept. A compiler without ``--version`` or a cache that cannot be written: a build
+per process, as without the cache.
+
+Where no compiler builds it, ``cpu_kernels`` returns None after one warning that says why, and
+the callers keep to their torch code: the same quantities and the same masks for a seed, a
+pretraining epoch about 2x slower (layer 1 of MNIST at nu 0.1: 11.8k against 24.7k examples/s on
+a 2-core Intel Xeon, 2026-12-07).
 """
 
 import ctypes
+import hashlib
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -23,6 +33,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from sda.artifacts import cache_dir
 
 SOURCE = Path(__file__).with_name("kernels.c")
 # -fno-math-errno lets expf/logf vectorise. Without -fopenmp the products in C run on one thread,
@@ -271,30 +283,79 @@ def describe_cpu_kernels(device: torch.device) -> str:
 
 @cache
 def built_kernels() -> Kernels | None:
-    """sda/kernels.c built and loaded once per process, or None (with one warning) where that fails."""
+    """sda/kernels.c built (or found in the cache) and loaded once per process, or None (with one
+    warning) where that fails."""
     found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     command = shlex.split(os.environ["CC"]) if os.environ.get("CC") else [found] if found else None
     if not command:
         return _unavailable("no C compiler found (set CC, or install gcc or clang)")
+    key = _build_key(command)
+    cached = cache_dir() / "kernels" / key if key else None
+    if cached is not None and (cached / "build.txt").is_file():
+        try:
+            return Kernels(ctypes.CDLL(str(cached / "kernels.so")), (cached / "build.txt").read_text())
+        except OSError:  # damaged: build it again below, replacing it
+            shutil.rmtree(cached, ignore_errors=True)
+    if cached is not None:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            build = Path(tempfile.mkdtemp(prefix=".build-", dir=cached.parent))
+        except OSError:  # a cache that cannot be written
+            cached = None
+    if cached is None:  # a build for this process only
+        build = Path(tempfile.mkdtemp(prefix="sda-kernels-"))
+    try:
+        built = _build(command, build / "kernels.so")
+        if isinstance(built, str):
+            return _unavailable(built)
+        if cached is not None:
+            (build / "build.txt").write_text(built.build)
+            try:
+                build.rename(cached)  # fails where a parallel process got there first: theirs is the same
+            except OSError:
+                pass
+        return built
+    finally:  # the library stays mapped once loaded, whether or not its file goes
+        shutil.rmtree(build, ignore_errors=True)
+
+
+def _build_key(command: list[str]) -> str | None:
+    """A hash of everything the built library depends on, or None where the compiler gives no version."""
+    try:
+        version = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if version.returncode != 0 or not version.stdout.strip():
+        return None
+    cpu = platform.machine() + platform.processor()
+    try:  # Linux: the model and the instruction sets -march=native chooses from
+        info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+        cpu += "".join(line for line in info.splitlines() if line.startswith(("model name", "flags")))
+    except OSError:
+        pass
+    parts = [SOURCE.read_bytes(), " ".join(command).encode(), version.stdout.encode(), repr(FLAG_SETS).encode(), cpu.encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:32]
+
+
+def _build(command: list[str], library: Path) -> "Kernels | str":
+    """Compile kernels.c to ``library`` with the first flag set that builds and loads; else why not."""
     compiler = " ".join(command)
     failures = []
-    with tempfile.TemporaryDirectory(prefix="sda-kernels-") as build:
-        library = Path(build) / "kernels.so"
-        for flags in FLAG_SETS:
+    for flags in FLAG_SETS:
+        try:
+            done = subprocess.run([*command, *flags, str(SOURCE), "-o", str(library), "-lm"],
+                                  capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return f"the C compiler {compiler!r} could not run: {error}"
+        if done.returncode == 0:
             try:
-                done = subprocess.run([*command, *flags, str(SOURCE), "-o", str(library), "-lm"],
-                                      capture_output=True, text=True, timeout=120)
-            except (OSError, subprocess.TimeoutExpired) as error:
-                return _unavailable(f"the C compiler {compiler!r} could not run: {error}")
-            if done.returncode == 0:
-                try:  # loaded before the directory goes: the mapping outlives the file
-                    return Kernels(ctypes.CDLL(str(library)), f"{compiler} {' '.join(flags)}")
-                except OSError as error:
-                    failures.append(f"{' '.join(flags)}: built, but does not load: {error}")
-            else:
-                output = done.stderr.strip()[-300:] or "no output"
-                failures.append(f"{' '.join(flags)}: exit status {done.returncode}, {output}")
-    return _unavailable(f"{compiler!r} failed to build {SOURCE.name}: " + " | ".join(failures))
+                return Kernels(ctypes.CDLL(str(library)), f"{compiler} {' '.join(flags)}")
+            except OSError as error:
+                failures.append(f"{' '.join(flags)}: built, but does not load: {error}")
+        else:
+            output = done.stderr.strip()[-300:] or "no output"
+            failures.append(f"{' '.join(flags)}: exit status {done.returncode}, {output}")
+    return f"{compiler!r} failed to build {SOURCE.name}: " + " | ".join(failures)
 
 
 def kernels_record() -> str:

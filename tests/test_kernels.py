@@ -200,6 +200,34 @@ def test_without_a_compiler_the_steps_fall_back_to_torch_and_say_why():
 
 
 @needs_kernels
+def test_the_built_library_is_kept_per_machine_a_damaged_one_is_built_again_and_no_cache_is_no_error(tmp_path):
+    # The compiler is a script that logs its calls, so a build that did not happen shows.
+    calls = tmp_path / "calls"
+    compiler = tmp_path / "logging-cc"
+    compiler.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {KERNELS.build.split()[0]} "$@"\n')
+    compiler.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "CC": str(compiler), "PYTHONPATH": str(ROOT), "SDA_CACHE_DIR": str(tmp_path / "cache")}
+    use = ("import torch; from sda.kernels import built_kernels; k = built_kernels(); print(k.build); "
+           "assert sorted(k.random_subsets(torch.zeros(1, 3, dtype=torch.int32), 3)[0].tolist()) == [0, 1, 2]")
+
+    def builds_in_a_new_process() -> int:
+        calls.write_text("")
+        done = subprocess.run([sys.executable, "-c", use], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+        assert done.returncode == 0 and "RuntimeWarning" not in done.stderr, done.stderr
+        assert done.stdout.startswith(f"{compiler} ")
+        return sum("kernels.c" in line for line in calls.read_text().splitlines())
+
+    assert builds_in_a_new_process() == 1
+    (entry,) = (tmp_path / "cache" / "kernels").iterdir()  # no build directory left beside it
+    assert builds_in_a_new_process() == 0
+    (entry / "kernels.so").write_bytes(b"not a library")
+    assert builds_in_a_new_process() == 1
+    assert (entry / "kernels.so").read_bytes()[:4] == b"\x7fELF"
+    env["SDA_CACHE_DIR"] = str(calls)  # a file: no cache can be made there, so a build for the process
+    assert builds_in_a_new_process() == 1
+
+
+@needs_kernels
 @pytest.mark.parametrize("batch, n, k", [(20, 1000, 1000), (20, 10, 1000), (23, 5, 17), (1, 1, 1), (7, 13, 48), (32, 9, 33)])
 def test_backward_and_update_is_the_gradient_below_then_the_sgd_update(batch, n, k):
     # Batches over 10 and 20 rows and widths off 16 and 32 columns exercise every partial tile.
