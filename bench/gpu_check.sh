@@ -9,7 +9,7 @@
 # measures on the CPU.
 #
 # Usage: bench/gpu_check.sh [out-dir]    (default: $OUT, else ./gpu_check_out)
-# Needs: python3 (or $PYTHON) with a CUDA build of torch, torchvision, numpy, pyyaml, tqdm, pillow,
+# Needs: python3 (or $PYTHON) with a CUDA build of torch, numpy, pyyaml, tqdm, pillow,
 # scikit-learn and pytest; MNIST in $SDA_CACHE_DIR (or fetchable, see sda/data.py).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)

@@ -3,12 +3,10 @@
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-from torchvision.utils import make_grid
 
 from sda.artifacts import atomic_path, save_json, save_text
-from sda.filters import save_png
+from sda.filters import save_png, tile
 
 FILTER_LEVELS = (0.0, 0.25, 0.5)  # ICML 2008 Fig. 3
 
@@ -61,8 +59,8 @@ def filter_figure(images: dict[float, Path], report_dir: Path, levels=FILTER_LEV
     available = [level for level in levels if level in images]
     if len(available) < 2:
         return False
-    panels = [torch.from_numpy(np.asarray(Image.open(images[level]).convert("L"), dtype=np.float32) / 255) for level in available]
-    grid = make_grid([p.unsqueeze(0) for p in panels], nrow=len(panels), padding=8, pad_value=1.0)[0]
-    save_png((grid.numpy() * 255).round().astype(np.uint8), report_dir / f"{name}.png")
+    panels = np.stack([np.asarray(Image.open(images[level]).convert("L"), dtype=np.float32) / 255 for level in available])
+    grid = tile(panels, per_row=len(panels), padding=8, pad_value=1.0)
+    save_png((grid * 255).round().astype(np.uint8), report_dir / f"{name}.png")
     save_text(report_dir / f"{name}.txt", f"panels, left to right: {caption} = " + ", ".join(f"{level:g}" for level in available) + "\n")
     return True
