@@ -163,6 +163,19 @@ def pipeline_repo(tmp_path):
         print(f"\nteardown killed processes left running in {repo.path}: {leftovers}")
 
 
+# The two xdist workers take whole files in collection order (pyproject.toml: --no-loadscope-reorder),
+# each taking the next file as its current one runs out. The files that drive the most pipelines go
+# first, longest first, so that none starts last while the other worker has finished. Only the
+# schedule depends on this list: a file missing from it runs after these.
+LONGEST_FIRST = ("test_table1.py", "test_cluster.py", "test_pipeline.py", "test_sweep.py", "test_noise_sweep.py",
+                 "test_robustness.py", "test_dvc_queue.py", "test_divergence.py", "test_stage_deps.py", "test_pretrain_stage.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order is kept
+
+
 def pytest_sessionfinish(session, exitstatus):
     """The suite fails if any dvc process it started is still alive at its end (they are killed)."""
     if hasattr(session.config, "workerinput"):  # an xdist worker: the controller checks for all
