@@ -113,12 +113,11 @@ def prefix_keys(params: dict[str, object]) -> tuple[tuple, tuple]:
 
 
 def run_points_on_ray(sweep_id: str, points: list[dict], cluster: Cluster) -> tuple[dict[str, object], dict[str, str]]:
-    """Run the points on the cluster; return ({experiment name: its MLflow run}, {failed point: why})."""
+    """Run the points (named by ``grid.run_points``) on the cluster; return ({experiment name: its
+    MLflow run}, {failed point: why})."""
     import ray
     from ray import cloudpickle
 
-    for point in points:
-        point["experiment"] = f"{sweep_id}-{point['label']}"
     check_services(cluster)
     mark_restored(points)
     missing = [point for point in points if not point["restored"]]

@@ -184,6 +184,11 @@ def cluster_from_args(args: argparse.Namespace, cpus_per_point: int) -> "Cluster
                    cpus_per_point=cpus_per_point)
 
 
+def point_name(sweep_id: str, point: dict) -> str:
+    """The DVC experiment name of a sweep's point, which its MLflow run is tagged with too."""
+    return f"{sweep_id}-{point['label']}"
+
+
 def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]], jobs: int, threads: int,
                keep_going: bool = False, cluster: "Cluster | None" = None) -> tuple[dict[str, object], dict[str, str]]:
     """Run every point as a queued DVC experiment; return ({experiment name: its MLflow run}, {failed point: why}).
@@ -200,7 +205,7 @@ def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]]
     ``jobs`` and ``threads`` do not apply there.
     """
     for point in points:
-        point["experiment"] = f"{sweep_id}-{point['label']}"
+        point["experiment"] = point_name(sweep_id, point)
     names = {point["experiment"]: point for point in points}
     if len(names) != len(points):
         raise SweepError(f"two points share a name; labels: {', '.join(sorted(p['label'] for p in points))}")

@@ -51,6 +51,7 @@ from sweeps.grid import (
     check_disk,
     failure_reason,
     parse_set,
+    point_name,
     publish_report,
     run_points,
     run_settings,
@@ -354,7 +355,7 @@ def finished_points(table_id: str, points: list[dict]) -> tuple[dict[str, object
     statuses = queue_entries()
     found, missing = {}, {}
     for point in points:
-        name = point["experiment"] = f"{table_id}-{point['label']}"
+        name = point["experiment"] = point_name(table_id, point)
         point["restored"] = True
         if (mlrun := find_point_run(runs, point["params"])) is not None:
             found[name] = mlrun
@@ -464,7 +465,7 @@ def main() -> None:
         if diverged:
             print(f"{len(diverged)} points diverged when last run here; not run again (--retry-diverged runs them):\n"
                   + "\n".join(f"  {name}: {why}" for name, why in diverged.items()), flush=True)
-        found, why = run_points(table_id, [p for p in batch if f"{table_id}-{p['label']}" not in diverged], shared, args.jobs, threads,
+        found, why = run_points(table_id, [p for p in batch if point_name(table_id, p) not in diverged], shared, args.jobs, threads,
                                 keep_going=True, cluster=cluster)
         return found, why | diverged
 
