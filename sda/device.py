@@ -1,4 +1,4 @@
-"""Device choice, the CPU's matrix-product library, and reproducible random streams."""
+"""Device choice, the CPU's matrix-product library and denormals, and reproducible random streams."""
 
 import os
 from collections.abc import Callable
@@ -34,6 +34,25 @@ def set_cpu_threads(threads: int | None = None) -> int:
         threads = int(os.environ.get("SDA_THREADS", "0")) or usable_cores()
     torch.set_num_threads(threads)
     return threads
+
+
+def flush_denormals() -> bool:
+    """Make this thread, and the threads it starts from now on, treat float32 numbers below 1.2e-38
+    (denormals) as zero, read or written; returns whether denormals are now flushed.
+
+    A saturated sigmoid writes such numbers (1 / (1 + e^x) for x from about 87 to 103), and x86
+    CPUs compute with them on a slow path: pretraining on codes of which 0.5% were denormal
+    (mnist-bg-img's layer 1 at pretraining rate 0.3) took 3.19 s per epoch of 3,000 examples,
+    against 0.29 s flushed, with the same losses to four decimals (2-core Intel Xeon, 2026-12-07).
+    Call it before anything starts threads (the stages: first in ``setup_torch``).
+    """
+    torch.set_flush_denormal(True)
+    return denormals_flushed()
+
+
+def denormals_flushed() -> bool:
+    """Whether this thread's float32 arithmetic flushes denormals to zero (1e-30 * 1e-9 gives 0)."""
+    return (torch.tensor([1e-30], dtype=torch.float32) * 1e-9).item() == 0.0
 
 
 def set_cpu_matmul(library: str) -> None:

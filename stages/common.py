@@ -12,7 +12,7 @@ import torch
 
 from sda.artifacts import load_split
 from sda.data import DataSourceError
-from sda.device import choose_cpu_matmul, cpu_matmul, make_generator, resolve_device, set_cpu_threads
+from sda.device import choose_cpu_matmul, cpu_matmul, flush_denormals, make_generator, resolve_device, set_cpu_threads
 from sda.training import DivergenceError
 from stages.params import ParamsError
 
@@ -32,6 +32,7 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
 
 
 def setup_torch(device_name: str) -> torch.device:
+    flush_denormals()  # first: the threads started later inherit it
     set_cpu_threads()
     choose_cpu_matmul()
     return resolve_device(device_name)

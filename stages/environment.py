@@ -1,4 +1,5 @@
-"""What computed a stage's outputs: engine, device, CPU, threads, products library, C kernels, versions.
+"""What computed a stage's outputs: engine, device, CPU, threads, products library, denormals, C kernels,
+versions.
 
 Each stage that computes numbers writes this record to metrics/computed_by/<stage>.json, and the
 track stage logs it as tags of the MLflow run: the same params and seed on two machines can give
@@ -13,7 +14,7 @@ import numpy
 import torch
 
 from sda.artifacts import save_json
-from sda.device import cpu_matmul
+from sda.device import cpu_matmul, denormals_flushed
 from sda.kernels import kernels_record
 
 RECORD_DIR = Path("metrics/computed_by")
@@ -47,6 +48,7 @@ def computed_by(device: torch.device, engine: str | None) -> dict[str, str]:
         "cpu": cpu_model(),
         "threads": str(torch.get_num_threads()),
         "products": {"onednn": "oneDNN", "blas": "torch's BLAS"}[cpu_matmul()] if on_cpu else "cuBLAS",
+        "denormals": ("flushed to zero" if denormals_flushed() else "kept") if on_cpu else None,
         # The fused engine's CPU steps and the CPU masking call them; masks are the same without.
         "c_kernels": (kernels_record() if on_cpu else "not used on a GPU") if engine else None,
         "python_version": platform.python_version(),

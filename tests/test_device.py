@@ -107,3 +107,22 @@ def test_a_stage_with_a_bad_choice_stops_with_one_line_and_writes_nothing(tmp_pa
     assert done.returncode == 1
     assert done.stderr.splitlines() == ["error: SDA_CPU_MATMUL must be one of ('auto', 'blas'), got 'fast'"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+FLUSHED_IN_THREADS = """
+import threading
+from stages.common import setup_torch
+from sda.device import denormals_flushed
+print(denormals_flushed())
+setup_torch("cpu")
+seen = []
+thread = threading.Thread(target=lambda: seen.append(denormals_flushed()))
+thread.start(); thread.join()
+print(denormals_flushed(), seen[0])
+"""
+
+
+def test_a_stage_flushes_denormals_in_its_own_thread_and_those_it_starts():
+    done = subprocess.run([sys.executable, "-c", FLUSHED_IN_THREADS], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True", "True"]

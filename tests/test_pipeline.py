@@ -93,6 +93,7 @@ def assert_records_what_computed_it(repo, run) -> None:
     tags = run.data.tags
     assert tags["engine"] == "fused" and tags["device"] == "cpu" and tags["threads"] == "1"
     assert tags["products"] in ("oneDNN", "torch's BLAS") and tags["cpu"] and tags["os"]
+    assert tags["denormals"] == "flushed to zero"  # x86 and arm64 CPUs can
     assert " -O3 " in tags["c_kernels"] or tags["c_kernels"].startswith("none: ")  # the build command, or why none
     assert tags["torch_version"] == torch.__version__ and tags["mlflow_version"] == mlflow.__version__
     assert tags["dvc_version"] == version("dvc") and tags["numpy_version"] and tags["python_version"]
