@@ -175,11 +175,16 @@ def test_the_table_resumes_after_an_interruption_without_retraining_a_finished_p
                                      for r in client.search_runs([experiment], "tags.sweep_id = 't'")
                                      if r.data.tags.get("kind") != "sweep-report")
 
-    # Once more: the diverged points are not run again, only listed; the parent run is updated, not doubled.
+    # Once more: the diverged points are not run again, only listed; --retry-diverged runs them (they
+    # fail again); the parent run is updated, not doubled.
     again = repo.run(*command)
     assert "2 points diverged when last run here; not run again (--retry-diverged runs them)" in again.stdout
     assert "2 of 2 points have a finished MLflow run already; running 0" in again.stdout and "points done" not in again.stdout
     report = json.loads((repo.path / "reports/table1/t/table1.json").read_text())
     assert sorted(f["experiment"] for f in report["failed"]) == ["t-digits-nu0-e3-plr0p1-flr1000", "t-digits-nu0p25-e3-plr0p1-flr1000"]
+    again = repo.run(*command, "--retry-diverged")
+    assert "2 of 4 points have a finished MLflow run already; running 2" in again.stdout
+    assert "0 points done, 2 failed" in again.stdout
+    assert "2 of 2 points have a finished MLflow run already; running 0" in again.stdout
     assert [r.info.run_id for r in client.search_runs([experiment], "tags.kind = 'sweep-report'")] == [parents[0].info.run_id]
     assert processes_of_this_test_in(repo.path) == []
