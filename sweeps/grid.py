@@ -110,6 +110,18 @@ def is_pretraining_key(key: str) -> bool:
     return key.startswith("pretrain.") or key in ("seed", "engine", "data.dataset")
 
 
+def phase_by_shared_layers(points: list[dict]) -> list[dict]:
+    """Set each point's ``phase`` to the number of points before it in the list that pretrain
+    the same layers: the first of them trains the layers, the others run in later phases and
+    restore them from DVC's run-cache instead of training them again alongside."""
+    seen: dict[str, int] = {}
+    for point in points:
+        layers = repr(sorted((k, v) for k, v in point["params"].items() if is_pretraining_key(k)))
+        point["phase"] = seen.get(layers, 0)
+        seen[layers] = point["phase"] + 1
+    return points
+
+
 def check_disk(points: list[dict], cache: Path = Path(".dvc/cache"), spare_gb: float = 5.0) -> None:
     """Refuse to start when DVC's cache would fill the disk: every pretraining configuration still
     to train stores its layers' codes of all three splits in float32 (about 0.7 GB for 3 x 1000

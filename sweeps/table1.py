@@ -51,6 +51,7 @@ from sweeps.grid import (
     check_disk,
     failure_reason,
     parse_set,
+    phase_by_shared_layers,
     point_name,
     publish_report,
     run_points,
@@ -115,9 +116,8 @@ def label(value: float) -> str:
 
 
 def make_point(raw: dict, dataset: str, fixed: dict[str, object], nu: float, epochs: int, pretrain_lr: float,
-               finetune_lr: float, phase: int = 0) -> dict:
-    """One point: its name part, -S overrides, full params and phase (points of a later phase run
-    after, and may restore the layers of, an earlier phase's)."""
+               finetune_lr: float) -> dict:
+    """One point: its name part, -S overrides and full params."""
     overrides = {"data.dataset": dataset, **fixed, "finetune.lr": finetune_lr}
     for layer in raw["pretrain"]:
         overrides.update({f"pretrain.{layer}.corruption": nu, f"pretrain.{layer}.epochs": epochs,
@@ -128,12 +128,13 @@ def make_point(raw: dict, dataset: str, fixed: dict[str, object], nu: float, epo
         raise ParamsError(f"{dataset}, nu {nu:g}, {epochs} epochs, lr {pretrain_lr:g}/{finetune_lr:g}: {err}") from err
     return {"label": f"{dataset}-nu{label(nu)}-e{epochs}-plr{label(pretrain_lr)}-flr{label(finetune_lr)}",
             "dataset": dataset, "nu": nu, "pretrain_epochs": epochs, "pretrain_lr": pretrain_lr,
-            "finetune_lr": finetune_lr, "overrides": overrides, "params": flatten(candidate), "phase": phase}
+            "finetune_lr": finetune_lr, "overrides": overrides, "params": flatten(candidate)}
 
 
 def grid_points(raw: dict, datasets: list[str], nus: list[float], chosen: dict[str, list],
                 extra: dict[str, object] | None = None) -> list[dict]:
-    """Every point of every dataset's grid. ``extra``: overrides for every point (the command's
+    """Every point of every dataset's grid, phased so that the first fine-tuning rate's points
+    train the layers the others restore. ``extra``: overrides for every point (the command's
     --set), over the dataset's own."""
     points = []
     for dataset in datasets:
@@ -141,10 +142,8 @@ def grid_points(raw: dict, datasets: list[str], nus: list[float], chosen: dict[s
         fixed.update(extra or {})
         for nu, epochs, pretrain_lr, finetune_lr in itertools.product(
                 [0.0, *nus], axes["pretrain_epochs"], axes["pretrain_lr"], axes["finetune_lr"]):
-            # The first fine-tuning rate's points train the layers the others restore.
-            points.append(make_point(raw, dataset, fixed, nu, epochs, pretrain_lr, finetune_lr,
-                                     phase=axes["finetune_lr"].index(finetune_lr)))
-    return points
+            points.append(make_point(raw, dataset, fixed, nu, epochs, pretrain_lr, finetune_lr))
+    return phase_by_shared_layers(points)
 
 
 def ladder(dataset: str, axis: str) -> list:
@@ -188,6 +187,15 @@ def points_past_edges(summaries: list[dict], tried: list[dict]) -> list[dict]:
                     wanted.setdefault(tuple(coordinates.values()),
                                       coordinates | {"axis": axis, "why": f"{method} past {axis} {chosen[axis]:g}"})
     return list(wanted.values())
+
+
+def round_points(raw: dict, wanted: list[dict], fixed_by_dataset: dict[str, dict], number: int) -> list[dict]:
+    """The points of round ``number`` from ``points_past_edges``' coordinates. Those that differ
+    only in fine-tuning rate share layers that DVC's cache may not hold (the training code changed
+    since they trained, or the cache was emptied): phased, the layers train once."""
+    return phase_by_shared_layers([make_point(raw, c["dataset"], fixed_by_dataset[c["dataset"]], c["nu"], c["pretrain_epochs"],
+                                              c["pretrain_lr"], c["finetune_lr"]) | {"why": c["why"], "round": number}
+                                   for c in wanted])
 
 
 GRID_OPTIONS = "--datasets, --nu, --pretrain-epochs, --pretrain-lr, --finetune-lr"
@@ -481,8 +489,7 @@ def main() -> None:
         if not wanted:
             break
         rounds += 1
-        new = [make_point(raw, c["dataset"], fixed_by_dataset[c["dataset"]], c["nu"], c["pretrain_epochs"], c["pretrain_lr"], c["finetune_lr"])
-               | {"why": c["why"], "round": rounds} for c in wanted]
+        new = round_points(raw, wanted, fixed_by_dataset, rounds)
         print(f"past the edges, round {rounds}: {len(new)} points\n" + "\n".join(f"  {p['label']} ({p['why']})" for p in new), flush=True)
         if cluster is None and not args.report_only:
             check_disk(new)

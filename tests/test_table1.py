@@ -21,6 +21,7 @@ from sweeps.table1 import (
     grid_points,
     is_grid_key,
     points_past_edges,
+    round_points,
     select,
     summarise,
     verdict,
@@ -116,6 +117,26 @@ def test_a_selection_that_is_the_last_value_tried_on_an_axis_gets_the_next_value
     assert wanted == {(0.0, 150, 0.1, 2.0): "SAA-3 past pretrain_epochs 50", (0.0, 50, 0.3, 2.0): "SAA-3 past pretrain_lr 0.1",
                       (0.0, 50, 0.1, 1.0): "SAA-3 past finetune_lr 2", (0.1, 15, 0.3, 4.0): "SdA-3 past pretrain_lr 0.1",
                       (0.1, 15, 0.03, 4.0): "SdA-3 past pretrain_lr 0.1", (0.1, 50, 0.1, 4.0): "SdA-3 past pretrain_epochs 15"}
+
+
+def test_a_rounds_points_that_share_their_layers_run_in_phases_so_the_layers_train_once():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+    def point(nu, epochs, finetune_lr, valid):
+        return {"dataset": "convex", "nu": nu, "pretrain_epochs": epochs, "pretrain_lr": 0.1, "finetune_lr": finetune_lr,
+                "valid_error": valid, "test_error": valid, "test_error_ci95": 0.01}
+
+    rows = [point(0.0, 15, 2.0, 0.2), point(0.0, 5, 2.0, 0.3), point(0.1, 15, 2.0, 0.1)]  # each rate the only one tried
+    summary = summarise("convex", rows)
+    new = round_points(raw, points_past_edges([summary], rows), {"convex": {}}, 1)
+    phases = {}
+    for p in new:
+        phases.setdefault((p["nu"], p["pretrain_epochs"], p["pretrain_lr"]), {})[p["finetune_lr"]] = p["phase"]
+    # Fine-tuning 1 and 4 around each selection share its layers: one trains them, the other restores them.
+    for selected in ((0.0, 15, 0.1), (0.1, 15, 0.1)):
+        assert sorted(phases.pop(selected).items(), key=lambda item: item[1]) in ([(1.0, 0), (4.0, 1)], [(4.0, 0), (1.0, 1)])
+    assert phases and all(by_rate == {2.0: 0} for by_rate in phases.values())  # the other axes' points train their own layers
+    assert {p["round"] for p in new} == {1} and all(p["params"]["finetune.lr"] == p["finetune_lr"] for p in new)
 
 
 @pytest.mark.parametrize("ours, expected", [((2.80, 0.14), "inside"), ((2.94, 0.1), "inside"), ((2.95, 0.1), "worse"),
