@@ -12,8 +12,8 @@ selection is the last value tried along an axis, the next value past it on the a
 runs, the other coordinates as selected, until every selected value has both neighbours tried or
 sits at the end of the JMLR 2010 range (--past-edges, --rounds). Each point is a DVC experiment run by
 parallel queue workers and one MLflow run; the points that differ only in fine-tuning rate share
-their pretrained layers: the first fine-tuning rate's points run first and train them, the others
-restore them from DVC's run-cache.
+their pretrained layers, in the grid and within a round: one of them runs first and trains them,
+the others restore them from DVC's run-cache.
 
 A point that fails (a fine-tuning that diverges, for instance) is listed in the report with its
 error line and left out of the selection; the other points go on. Interrupted? Run the same
