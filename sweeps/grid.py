@@ -234,11 +234,12 @@ def run_points(sweep_id: str, points: list[dict], shared: list[tuple[str, dict]]
     # nothing of it stays queued or running.
     try:
         with stop_signals_interrupt():
-            check_queue_empty(sweep_id)
             mark_restored(points)
             missing = {name: point for name, point in names.items() if not point["restored"]}
             print(f"{len(points) - len(missing)} of {len(points)} points have a finished MLflow run already; running {len(missing)}",
                   flush=True)
+            if missing:  # nothing to run leaves the queue alone (each look at it takes seconds)
+                check_queue_empty(sweep_id)
 
             env = dict(os.environ, SDA_THREADS=str(threads))
             needed = [(index, target, overrides) for index, (target, overrides) in enumerate(shared)

@@ -355,12 +355,12 @@ def plot_table_against_nu(summaries: list[dict], rows: list[dict], path: Path) -
 NOT_FINISHED = "not finished"
 
 
-def finished_points(table_id: str, points: list[dict]) -> tuple[dict[str, object], dict[str, str]]:
+def finished_points(table_id: str, points: list[dict], statuses: dict[str, str]) -> tuple[dict[str, object], dict[str, str]]:
     """(finished MLflow run of each point that has one, {point without one: why}), running nothing:
-    why is the error line of a point this machine's DVC queue records as failed, else NOT_FINISHED."""
+    why is the error line of a point ``statuses`` (this machine's DVC queue records, queue_entries)
+    has as failed, else NOT_FINISHED."""
     client, experiment_id, _ = open_store()
     runs = finished_runs(client, experiment_id)
-    statuses = queue_entries()
     found, missing = {}, {}
     for point in points:
         name = point["experiment"] = point_name(table_id, point)
@@ -372,10 +372,10 @@ def finished_points(table_id: str, points: list[dict]) -> tuple[dict[str, object
     return found, missing
 
 
-def diverged_points(table_id: str, points: list[dict]) -> dict[str, str]:
+def diverged_points(table_id: str, points: list[dict], statuses: dict[str, str]) -> dict[str, str]:
     """{point: its error line} of the points without a finished run whose training diverged when
     this machine's DVC queue last ran them: deterministic for the same params, seed and code."""
-    _, missing = finished_points(table_id, points)
+    _, missing = finished_points(table_id, points, statuses)
     return {name: why for name, why in missing.items() if DIVERGED in why}
 
 
@@ -465,11 +465,14 @@ def main() -> None:
     started = time.perf_counter()
     # Failures of --backend ray are not in this machine's queue: nothing to tell a diverged point by.
     skip_diverged = not args.retry_diverged and cluster is None
+    # Read once (`dvc queue status` takes seconds): a point's record changes only when it runs, and
+    # each round's points are new ones, checked before they run.
+    statuses = queue_entries() if args.report_only or skip_diverged else {}
 
     def run(batch: list[dict]) -> tuple[dict[str, object], dict[str, str]]:
         if args.report_only:
-            return finished_points(table_id, batch)
-        diverged = diverged_points(table_id, batch) if skip_diverged else {}
+            return finished_points(table_id, batch, statuses)
+        diverged = diverged_points(table_id, batch, statuses) if skip_diverged else {}
         if diverged:
             print(f"{len(diverged)} points diverged when last run here; not run again (--retry-diverged runs them):\n"
                   + "\n".join(f"  {name}: {why}" for name, why in diverged.items()), flush=True)
