@@ -110,13 +110,18 @@ def is_pretraining_key(key: str) -> bool:
     return key.startswith("pretrain.") or key in ("seed", "engine", "data.dataset")
 
 
+def pretraining_params(point: dict) -> dict[str, object]:
+    """The point's params that decide its pretrained layers: points with equal ones share them."""
+    return {k: v for k, v in point["params"].items() if is_pretraining_key(k)}
+
+
 def phase_by_shared_layers(points: list[dict]) -> list[dict]:
     """Set each point's ``phase`` to the number of points before it in the list that pretrain
     the same layers: the first of them trains the layers, the others run in later phases and
     restore them from DVC's run-cache instead of training them again alongside."""
-    seen: dict[str, int] = {}
+    seen: dict[tuple, int] = {}
     for point in points:
-        layers = repr(sorted((k, v) for k, v in point["params"].items() if is_pretraining_key(k)))
+        layers = tuple(sorted(pretraining_params(point).items()))
         point["phase"] = seen.get(layers, 0)
         seen[layers] = point["phase"] + 1
     return points
@@ -130,7 +135,7 @@ def check_disk(points: list[dict], cache: Path = Path(".dvc/cache"), spare_gb: f
     runs = finished_runs(client, experiment_id)
     to_train = {}
     for point in points:
-        pretraining = {k: v for k, v in point["params"].items() if is_pretraining_key(k)}
+        pretraining = pretraining_params(point)
         key = tuple(sorted(pretraining.items()))
         if key not in to_train and find_point_run(runs, pretraining, in_scope=is_pretraining_key) is None:
             examples = sum(SPLIT_SIZES.get(point["dataset"], (60_000, 5_000, 10_000)))
